@@ -1,0 +1,152 @@
+"""Normalisation, cosine logits and the target column.
+
+The first stage of every margin softmax: L2-normalise embeddings and class
+centres, take their cosines, and read or write the target column ``c_{i, y_i}``.
+Also the numerically safe ``sin θ`` and ``θ`` of a cosine used by the angular
+margins (never a sqrt or arccos of an unclipped cosine).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from margin_jax import _checks
+
+__all__ = [
+    "l2_normalize",
+    "cosine_logits",
+    "take_target",
+    "put_target",
+    "target_mask",
+    "safe_sin",
+    "safe_arccos",
+]
+
+# 1 - c² below this counts as zero: sin θ is then exactly 0 with zero derivative.
+_SIN_EPS = 1e-12
+
+
+def l2_normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """Scales ``x`` to unit L2 norm along ``axis``.
+
+    x̂ = x / max(||x||, eps), computed after dividing by max|x| (without
+    gradient; the result does not depend on it), so that norms from 1e-30 to
+    1e30 normalise exactly in float32 instead of under- or overflowing.
+
+    Args:
+      x: array of any shape, e.g. embeddings [B, D] or class centres [C, D].
+      axis: the axis to normalise.
+      eps: guards the zero vector, which maps to zero.
+
+    Returns:
+      Array of ``x``'s shape in the compute dtype (at least float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import l2_normalize
+      >>> l2_normalize(jnp.array([[3.0, 4.0]])).tolist()
+      [[0.6000000238418579, 0.800000011920929]]
+
+    Differs from ``torch.nn.functional.normalize``: there a vector with norm
+    below eps is divided by eps; here only the zero vector is special.
+    """
+    _checks.check_floating(x, "x", "l2_normalize")
+    x = jnp.asarray(x, _checks.compute_dtype(x))
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    x = x / jnp.where(peak > 0, peak, 1.0)
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.square(eps)))
+
+
+def cosine_logits(embeddings: ArrayLike, weights: ArrayLike) -> jax.Array:
+    """Cosine of every embedding with every class centre, c_ij = x̂_i · ŵ_j.
+
+    Both arguments are L2-normalised (see `l2_normalize`) and the result is
+    clipped to [-1, 1] (rounding can leave it just outside). The clip passes the
+    gradient for values inside [-1, 1], boundaries included.
+
+    Args:
+      embeddings: [B, D] features x_i.
+      weights: [C, D] class centres W (one row per class, as insightface's
+        Partial FC and FaceX-Zoo store them; PML stores [D, C]).
+
+    Returns:
+      [B, C] cosines in the compute dtype (float32 for bf16/fp16 input).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import cosine_logits
+      >>> cosine_logits(jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 0.0], [0.0, 3.0]]))
+      Array([[1., 0.]], dtype=float32)
+    """
+    fn = "cosine_logits"
+    _checks.check_floating(embeddings, "embeddings", fn)
+    _checks.check_floating(weights, "weights", fn)
+    _checks.check_rank(embeddings, 2, "embeddings", fn, "[B, D]")
+    _checks.check_rank(weights, 2, "weights", fn, "[C, D]")
+    if embeddings.shape[1] != weights.shape[1]:
+        raise ValueError(
+            f"{fn}: `embeddings` [B, D] and `weights` [C, D] must share D; got "
+            f"`embeddings` shape {tuple(embeddings.shape)} and `weights` shape "
+            f"{tuple(weights.shape)}."
+        )
+    dtype = _checks.compute_dtype(embeddings, weights)
+    x = l2_normalize(jnp.asarray(embeddings, dtype))
+    w = l2_normalize(jnp.asarray(weights, dtype))
+    return clip_cosine(x @ w.T)
+
+
+def clip_cosine(cos: jax.Array) -> jax.Array:
+    """Clips to [-1, 1]; gradient 1 inside (boundaries included), 0 outside."""
+    return jnp.where(cos > 1, 1.0, jnp.where(cos < -1, -1.0, cos)).astype(cos.dtype)
+
+
+def take_target(cos: ArrayLike, labels: ArrayLike) -> jax.Array:
+    """The target column c_{i, y_i}: [B, C], [B] -> [B]."""
+    cos = jnp.asarray(cos)
+    return jnp.take_along_axis(cos, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
+
+
+def target_mask(labels: ArrayLike, num_classes: int, offset: ArrayLike = 0) -> jax.Array:
+    """Boolean one-hot [B, num_classes]: column j is the target of row i.
+
+    ``offset`` is the class index of column 0, for blocks of columns.
+    """
+    cols = jax.lax.broadcasted_iota(jnp.int32, (1, num_classes), 1) + offset
+    return jnp.asarray(labels)[:, None] == cols
+
+
+def put_target(cos: ArrayLike, labels: ArrayLike, values: ArrayLike) -> jax.Array:
+    """Writes ``values`` [B] into the target column of ``cos`` [B, C].
+
+    A select, not a scatter: fuses with the elementwise stages around it, and the
+    gradient flows to ``values`` at the target and to ``cos`` everywhere else.
+    """
+    cos = jnp.asarray(cos)
+    mask = target_mask(labels, cos.shape[-1])
+    return jnp.where(mask, jnp.asarray(values, cos.dtype)[:, None], cos)
+
+
+def safe_sin(c: ArrayLike) -> jax.Array:
+    """sin θ = sqrt(1 - c²) for c = cos θ, finite gradient at c = ±1.
+
+    1 - c² is clipped to >= 0; where it is <= 1e-12 the result is exactly 0 and
+    so is its derivative ("double where": the branch not taken sees a harmless
+    argument, so no NaN or inf leaks into the gradient).
+    """
+    c = jnp.asarray(c)
+    u = 1.0 - jnp.square(c)
+    ok = u > _SIN_EPS
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, u, 1.0)), 0.0)
+
+
+def safe_arccos(c: ArrayLike) -> jax.Array:
+    """θ = arccos(c) in [0, π] as atan2(sin θ, c), finite gradient at c = ±1.
+
+    More accurate than arccos near ±1 and never differentiates arccos at its
+    singularities; ``c`` is clipped to [-1, 1] first.
+    """
+    c = jnp.clip(jnp.asarray(c), -1.0, 1.0)
+    return jnp.arctan2(safe_sin(c), c)

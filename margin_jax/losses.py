@@ -1,0 +1,643 @@
+"""The margin-softmax composer and the named losses built from it.
+
+Every margin softmax is one pipeline:
+
+    cos [B, C] -> target transform f(c_y) -> non-target transform g(c, f)
+    -> scaled cross-entropy of s·z, with z_y = f(c_y) and z_k = g(c_k, f)
+
+`margin_softmax_loss` runs it for any pair of stage functions (`margin_jax.margins`,
+`margin_jax.masks`); each named loss below is that composer with fixed stages.
+All losses return the per-example loss [B] (the caller reduces, as in optax),
+take ``where`` (bool [B]) for padding, and compute in float32 or wider.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from margin_jax import _checks
+from margin_jax.adaptive import CurricularState, update_curricular_state
+from margin_jax.cosine import put_target, take_target, target_mask
+from margin_jax.margins import (
+    arcface_target,
+    check_sphere_margin,
+    combined_target,
+    cosface_target,
+    eqm_target,
+    normface_target,
+    sphereface_target,
+)
+from margin_jax.margins import straight_through as _straight_through
+from margin_jax.masks import (
+    MV_MODES,
+    curricular_non_target,
+    eqm_non_target,
+    focal_weight,
+    hard_mining_mask,
+    mv_non_target,
+    sv_non_target,
+)
+
+__all__ = [
+    "margin_logits",
+    "margin_softmax_loss",
+    "softmax_loss",
+    "normface_loss",
+    "cosface_loss",
+    "arcface_loss",
+    "combined_margin_loss",
+    "sphereface_loss",
+    "adacos_loss",
+    "focal_loss",
+    "hard_mining_loss",
+    "sv_softmax_loss",
+    "mv_softmax_loss",
+    "eqm_loss",
+    "curricularface_loss",
+    "margin_target_fn",
+    "cross_entropy_from_gaps",
+]
+
+TargetFn = Callable[[jax.Array], jax.Array]
+NonTargetFn = Callable[[jax.Array, jax.Array], jax.Array]
+MARGIN_TYPES = ("none", "cosface", "arcface")
+
+
+def _scale_column(scale: ArrayLike, cos: jax.Array, where, fn: str) -> jax.Array:
+    """The scale as a scalar or a [B, 1] column (per-example, e.g. ||x_i||)."""
+    s = jnp.asarray(scale, cos.dtype)
+    if s.ndim == 0:
+        return s
+    if s.shape != (cos.shape[0],):
+        raise ValueError(
+            f"{fn}: `scale` must be a scalar or have shape [B] = ({cos.shape[0]},) to "
+            f"match `cos` of shape {tuple(cos.shape)}; got `scale` shape {s.shape}."
+        )
+    if where is not None:
+        s = jnp.where(where, s, 1.0)
+    return s[:, None]
+
+
+def _margin_parts(cos, labels, target_fn, non_target_fn):
+    """(non-target logits z [B, C] before scaling, target logits f(c_y) [B])."""
+    target = target_fn(take_target(cos, labels))
+    z = cos if non_target_fn is None else non_target_fn(cos, target[:, None])
+    return z, target
+
+
+def cross_entropy_from_gaps(gaps: jax.Array, labels: jax.Array) -> jax.Array:
+    """CE = log(1 + Σ_{j≠y} exp(d_j)) from the gaps d_j = z_j - z_y [B, C].
+
+    The target column of ``gaps`` is ignored. Equal to logsumexp(z) - z_y, but
+    computed as m + log1p(expm1(-m) + Σ_{j≠y} exp(d_j - m)) with m = max(0,
+    max_{j≠y} d_j), so a small loss keeps its relative precision (logsumexp(z) -
+    z_y subtracts two numbers near s = 64 and loses it).
+    """
+    others = ~target_mask(labels, gaps.shape[-1])
+    top = jnp.max(jnp.where(others, gaps, -jnp.inf), axis=-1, initial=0.0)
+    top = jax.lax.stop_gradient(top)
+    rest = jnp.sum(jnp.where(others, jnp.exp(gaps - top[:, None]), 0.0), axis=-1)
+    return top + jnp.log1p(jnp.expm1(-top) + rest)
+
+
+def margin_logits(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    target_fn: TargetFn,
+    non_target_fn: NonTargetFn | None = None,
+    scale: ArrayLike,
+) -> jax.Array:
+    """The scaled margin logits s·z [B, C] of the pipeline (no loss taken).
+
+    Use them to compose the margin with any loss of logits, e.g. the naive
+    mining-margin softmax ``focal_loss(margin_logits(cos, labels, ...), labels)``
+    or ``hard_mining_loss(margin_logits(...), labels)``.
+
+    Args:
+      cos: [B, C] cosines (`margin_jax.cosine_logits`).
+      labels: [B] integer labels.
+      target_fn: c_y [B] -> f(c_y) [B] (a `margin_jax.margins` function).
+      non_target_fn: optional (cos [B, C], f [B, 1]) -> [B, C], elementwise
+        (a `margin_jax.masks` stage); its target column is overwritten.
+      scale: s, a scalar or per-example [B].
+
+    Returns:
+      [B, C] logits.
+
+    Example:
+      >>> import functools, jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> cos = jnp.array([[0.8, 0.1], [0.3, 0.6]])
+      >>> f = functools.partial(mj.cosface_target, margin=0.35)
+      >>> mj.margin_logits(cos, jnp.array([0, 1]), target_fn=f, scale=10.0).round(3)
+      Array([[4.5  , 1.   ],
+             [3.   , 2.5  ]], dtype=float32)
+    """
+    cos, labels, _ = _checks.prepare_cos_labels("margin_logits", cos, labels)
+    z, target = _margin_parts(cos, labels, target_fn, non_target_fn)
+    return _scale_column(scale, cos, None, "margin_logits") * put_target(z, labels, target)
+
+
+def margin_softmax_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    target_fn: TargetFn,
+    non_target_fn: NonTargetFn | None = None,
+    scale: ArrayLike,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    """The composer: CE(s·z, y) with z_y = f(c_y) and z_k = g(c_k, f(c_y)).
+
+    ℓ_i = logsumexp_j(s·z_ij) - s·f(c_{i,y_i}) = log(1 + Σ_{j≠y} exp(s·(z_ij -
+    f))). The target logit is taken once from the [B] vector f(c_y), never
+    re-gathered from the [B, C] matrix nor subtracted from a full log-sum-exp
+    (see `cross_entropy_from_gaps`), and the pipeline is elementwise on [B, C]
+    plus one max and one sum, so XLA fuses it into about the cost of plain
+    softmax cross-entropy.
+
+    Args:
+      cos: [B, C] cosines in [-1, 1] (any float dtype; computed in >= float32).
+      labels: [B] integer class indices in [0, C) (checked when concrete;
+        undefined under jit if out of range).
+      target_fn: target stage, c_y [B] -> f(c_y) [B].
+      non_target_fn: optional non-target stage (cos [B, C], f [B, 1]) -> [B, C],
+        elementwise; the target column of its output is ignored.
+      scale: s, scalar or [B] (no gradient is stopped: wrap it in
+        `jax.lax.stop_gradient` if it must not be learned).
+      where: optional bool [B]; False rows give exactly 0 and no gradient.
+
+    Returns:
+      [B] per-example loss in the compute dtype.
+
+    Example:
+      >>> import functools, jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> cos = jnp.array([[0.8, 0.1], [0.3, 0.6]])
+      >>> f = functools.partial(mj.arcface_target, margin=0.5)
+      >>> mj.margin_softmax_loss(cos, jnp.array([0, 1]), target_fn=f, scale=16.0).shape
+      (2,)
+    """
+    fn = "margin_softmax_loss"
+    cos, labels, where = _checks.prepare_cos_labels(fn, cos, labels, where)
+    z, target = _margin_parts(cos, labels, target_fn, non_target_fn)
+    s = _scale_column(scale, cos, where, fn)
+    loss = cross_entropy_from_gaps(s * (z - target[:, None]), labels)
+    return loss if where is None else jnp.where(where, loss, 0.0)
+
+
+def softmax_loss(
+    logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+    """Softmax cross-entropy with integer labels: logsumexp_j z_j - z_y.
+
+    Args:
+      logits: [B, C].
+      labels: [B] integers in [0, C).
+      where: optional bool [B]; False rows give 0 and no gradient.
+
+    Returns:
+      [B] losses (float32 or wider).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import softmax_loss
+      >>> round(float(softmax_loss(jnp.zeros((1, 4)), jnp.array([2]))[0]), 6)  # ln 4
+      1.386294
+    """
+    logits, labels, where = _checks.prepare_cos_labels(
+        "softmax_loss", logits, labels, where, name="logits"
+    )
+    loss = cross_entropy_from_gaps(logits - take_target(logits, labels)[:, None], labels)
+    return loss if where is None else jnp.where(where, loss, 0.0)
+
+
+def normface_loss(
+    cos: ArrayLike, labels: ArrayLike, *, scale: ArrayLike = 64.0, where=None
+) -> jax.Array:
+    """NormFace (normalised softmax): CE(s·c, y), no margin.
+
+    Default s = 64 as the margin losses; the NormFace paper learns s (from 10)
+    and pytorch-metric-learning's NormalizedSoftmaxLoss uses temperature 0.05
+    (s = 20).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import normface_loss
+      >>> normface_loss(jnp.array([[1.0, 0.0]]), jnp.array([0]), scale=1.0).round(4)
+      Array([0.3133], dtype=float32)
+
+    References:
+      Wang et al., "NormFace", ACM MM 2017, https://arxiv.org/abs/1704.06369
+    """
+    return margin_softmax_loss(
+        cos, labels, target_fn=normface_target, scale=scale, where=where
+    )
+
+
+def cosface_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike = 64.0,
+    margin: ArrayLike = 0.35,
+    where=None,
+) -> jax.Array:
+    """CosFace / AM-Softmax: CE with target logit s·(c_y - m).
+
+    Defaults s = 64, m = 0.35 (CosFace; the AM-Softmax paper uses s = 30).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import cosface_loss
+      >>> cosface_loss(jnp.array([[0.9, 0.1]]), jnp.array([0])).shape
+      (1,)
+
+    References:
+      Wang et al., CosFace, CVPR 2018, https://arxiv.org/abs/1801.09414
+    """
+    target_fn = functools.partial(cosface_target, margin=margin)
+    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+
+
+def arcface_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike = 64.0,
+    margin: ArrayLike = 0.5,
+    easy_margin: bool = False,
+    straight_through: bool = False,
+    where=None,
+) -> jax.Array:
+    """ArcFace: CE with target logit s·cos(θ_y + m) (see `arcface_target`).
+
+    Defaults s = 64, m = 0.5 rad. The default gradient is exact; with
+    ``straight_through=True`` the value is the same but the target receives the
+    plain cosine's gradient, which is what current insightface computes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import arcface_loss
+      >>> arcface_loss(jnp.array([[0.9, 0.1]]), jnp.array([0])).shape
+      (1,)
+
+    References:
+      Deng et al., ArcFace, CVPR 2019, https://arxiv.org/abs/1801.07698
+    """
+    target_fn = functools.partial(arcface_target, margin=margin, easy_margin=easy_margin)
+    if straight_through:
+        target_fn = _straight_through(target_fn)
+    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+
+
+def combined_margin_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike = 64.0,
+    m1: ArrayLike = 1.0,
+    m2: ArrayLike = 0.3,
+    m3: ArrayLike = 0.2,
+    where=None,
+) -> jax.Array:
+    """Combined margin: target logit s·(cos(m1·θ_y + m2) - m3), all terms honoured.
+
+    See `combined_target`. Defaults (1.0, 0.3, 0.2) are insightface's combined
+    setting. Unlike insightface's PyTorch CombinedMarginLoss, m1 and m2 are not
+    dropped when m3 > 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import combined_margin_loss
+      >>> combined_margin_loss(jnp.array([[0.9, 0.1]]), jnp.array([0])).shape
+      (1,)
+    """
+    target_fn = functools.partial(combined_target, m1=m1, m2=m2, m3=m3)
+    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+
+
+def sphereface_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    margin: int = 4,
+    lambda_: ArrayLike = 0.0,
+    feature_norm: ArrayLike | None = None,
+    scale: ArrayLike | None = None,
+    where=None,
+) -> jax.Array:
+    """SphereFace / A-Softmax with the λ blend of the original training.
+
+    Target logit (λ·c_y + ψ(θ_y)) / (1 + λ) with ψ from `sphereface_psi`; other
+    logits c_j. Two forms:
+
+    * original (``feature_norm`` = ||x_i||, [B]): logits are ||x_i||·z_ij, i.e.
+      the features are not normalised (pass the norms with their gradient, e.g.
+      ``jnp.linalg.norm(x, axis=-1)``, for the paper's training);
+    * normalised (``scale`` = s): logits s·z_ij, as the CosFace/ArcFace family;
+      s defaults to 64 when neither is given.
+
+    Args:
+      cos: [B, C] cosines.
+      labels: [B].
+      margin: m, a static Python int >= 1 (default 4).
+      lambda_: λ >= 0; schedule it with `sphereface_lambda` (SphereFace anneals
+        from 1000 to 5). Default 0 (pure ψ).
+      feature_norm: optional [B] feature norms (original form).
+      scale: optional scalar s (normalised form).
+      where: optional bool [B].
+
+    Raises:
+      TypeError: ``margin`` is not a Python int.
+      ValueError: both ``feature_norm`` and ``scale`` are given.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import sphereface_loss
+      >>> cos = jnp.array([[0.9, 0.1]])
+      >>> sphereface_loss(cos, jnp.array([0]), feature_norm=jnp.array([3.0])).shape
+      (1,)
+
+    References:
+      Liu et al., SphereFace, CVPR 2017, https://arxiv.org/abs/1704.08063
+    """
+    if feature_norm is not None and scale is not None:
+        raise ValueError(
+            "sphereface_loss: give either `feature_norm` (original form, [B]) or "
+            "`scale` (normalised form, scalar), not both."
+        )
+    if feature_norm is not None:
+        _checks.check_rank(feature_norm, 1, "feature_norm", "sphereface_loss", "[B]")
+        scale = feature_norm
+    elif scale is None:
+        scale = 64.0
+    check_sphere_margin(margin, "sphereface_loss")
+    target_fn = functools.partial(sphereface_target, margin=margin, lambda_=lambda_)
+    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+
+
+def adacos_loss(
+    cos: ArrayLike, labels: ArrayLike, *, scale: ArrayLike, where=None
+) -> jax.Array:
+    """AdaCos: NormFace with an adaptive scale and no gradient through it.
+
+    Pass ``scale = adacos_fixed_scale(C)`` (fixed AdaCos) or this step's
+    ``adacos_dynamic_scale(cos, labels, prev_scale)`` (dynamic AdaCos).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> cos = jnp.array([[0.9, 0.1, 0.0]])
+      >>> mj.adacos_loss(cos, jnp.array([0]), scale=mj.adacos_fixed_scale(3)).shape
+      (1,)
+
+    References:
+      Zhang et al., AdaCos, CVPR 2019, https://arxiv.org/abs/1905.00292
+    """
+    return normface_loss(cos, labels, scale=jax.lax.stop_gradient(scale), where=where)
+
+
+def focal_loss(
+    logits: ArrayLike, labels: ArrayLike, *, gamma: ArrayLike = 2.0, where=None
+) -> jax.Array:
+    """Focal loss, softmax form: ℓ = -(1 - p_y)^γ·log p_y.
+
+    The composition `focal_weight` × `softmax_loss`; ``logits`` may be margin
+    logits (`margin_logits`), which gives the naive mining-margin softmax.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import focal_loss
+      >>> float(focal_loss(jnp.zeros((1, 2)), jnp.array([0]), gamma=0.0)[0])  # ln 2
+      0.6931471824645996
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
+      https://arxiv.org/abs/1708.02002
+    """
+    ce = softmax_loss(logits, labels, where=where)
+    logits = jnp.asarray(logits).astype(ce.dtype)
+    if where is not None:
+        logits = jnp.where(jnp.asarray(where)[:, None], logits, 0.0)
+    return focal_weight(logits, labels, gamma=gamma) * ce
+
+
+def hard_mining_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    keep_ratio: ArrayLike = 0.9,
+    where=None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """HM-Softmax: CE on the ⌊r·B⌋ hardest examples, 0 on the others.
+
+    The composition `hard_mining_mask` × `softmax_loss`. With ``axis_name`` the
+    selection ranks the whole global batch (equal to the single-device result on
+    the concatenated batch). ``logits`` may be margin logits (`margin_logits`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import hard_mining_loss
+      >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+      >>> hard_mining_loss(logits, jnp.array([0, 0, 0]), keep_ratio=0.34).round(3)
+      Array([0.   , 2.127, 0.   ], dtype=float32)
+
+    References:
+      Shrivastava et al., "Training Region-based Object Detectors with Online Hard
+      Example Mining", CVPR 2016, https://arxiv.org/abs/1604.03540
+    """
+    ce = softmax_loss(logits, labels, where=where)
+    keep = hard_mining_mask(ce, keep_ratio=keep_ratio, where=where, axis_name=axis_name)
+    return jnp.where(keep, ce, 0.0)
+
+
+def margin_target_fn(margin_type: str, margin: ArrayLike, *, fn: str) -> TargetFn:
+    """The base target stage of SV / MV losses: 'none', 'cosface' or 'arcface'."""
+    if margin_type == "none":
+        return normface_target
+    if margin_type == "cosface":
+        return functools.partial(cosface_target, margin=margin)
+    if margin_type == "arcface":
+        return functools.partial(arcface_target, margin=margin)
+    raise ValueError(
+        f"{fn}: `margin_type` must be one of {MARGIN_TYPES}, got {margin_type!r}."
+    )
+
+
+def sv_softmax_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike = 32.0,
+    t: ArrayLike = 1.2,
+    margin_type: str = "none",
+    margin: ArrayLike = 0.0,
+    where=None,
+) -> jax.Array:
+    """SV-Softmax and SV-X-Softmax (SV-AM, SV-Arc).
+
+    Support vectors k != y with c_k > f(c_y) get logit t·c_k + t - 1
+    (`sv_non_target`); f is the identity ('none', SV-Softmax), CosFace
+    ('cosface', SV-AM) or ArcFace ('arcface', SV-Arc), and the mask is taken
+    against the margined target. t = 1 is the base loss. Defaults s = 32,
+    t = 1.2 (the authors' code).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import sv_softmax_loss
+      >>> cos = jnp.array([[0.5, 0.6, 0.1]])
+      >>> loss = sv_softmax_loss(cos, jnp.array([0]), margin_type="cosface", margin=0.35)
+      >>> loss.shape
+      (1,)
+
+    SV-Arc uses ArcFace with its θ > π - m fallback (FaceX-Zoo's MV-Arc uses the
+    easy margin instead).
+
+    References:
+      Wang et al., "Support Vector Guided Softmax Loss for Face Recognition",
+      arXiv 2018, https://arxiv.org/abs/1812.11317
+    """
+    target_fn = margin_target_fn(margin_type, margin, fn="sv_softmax_loss")
+    non_target_fn = functools.partial(sv_non_target, t=t)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, non_target_fn=non_target_fn, scale=scale,
+        where=where,
+    )
+
+
+def mv_softmax_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike = 32.0,
+    t: ArrayLike = 0.2,
+    margin_type: str = "cosface",
+    margin: ArrayLike = 0.35,
+    mode: str = "adaptive",
+    where=None,
+) -> jax.Array:
+    """MV-Softmax (MV-AM by default, MV-Arc with margin_type='arcface').
+
+    Mis-classified vectors c_k > f(c_y) become c_k + t ('fixed') or
+    (t + 1)·c_k + t ('adaptive', = SV-Softmax with t_SV = t + 1). t = 0 is the
+    base loss. Defaults t = 0.2, m = 0.35, s = 32 (FaceX-Zoo).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import mv_softmax_loss
+      >>> mv_softmax_loss(jnp.array([[0.5, 0.6, 0.1]]), jnp.array([0])).shape
+      (1,)
+
+    References:
+      Wang et al., "Mis-classified Vector Guided Softmax Loss for Face
+      Recognition", AAAI 2020, https://arxiv.org/abs/1912.00833
+    """
+    target_fn = margin_target_fn(margin_type, margin, fn="mv_softmax_loss")
+    if mode not in MV_MODES:
+        raise ValueError(
+            f"mv_softmax_loss: `mode` must be one of {MV_MODES}, got {mode!r}."
+        )
+    non_target_fn = functools.partial(mv_non_target, t=t, mode=mode)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, non_target_fn=non_target_fn, scale=scale,
+        where=where,
+    )
+
+
+def eqm_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    *,
+    scale: ArrayLike,
+    t1: ArrayLike,
+    t2: ArrayLike,
+    where=None,
+) -> jax.Array:
+    """EqM loss (reconstruction): log(1 + Σ_{j≠y} exp(s·[(c_j - t2)_+ + (t1 - c_y)_+])).
+
+    The paper's formula was not available to us; this is a reconstruction from
+    its description (Sun et al., IEEE TMM 2020): t1 is the lower bound on the
+    intra-class similarity and t2 the upper bound on the inter-class similarity.
+    No gradient reaches c_y once c_y >= t1, nor c_j once c_j <= t2; with both
+    active it equals CosFace with m = t1 - t2. It is the margin softmax with
+    target stage `eqm_target` and non-target stage `eqm_non_target`. All three
+    hyperparameters are required (suggested: t1 - t2 = 0.35, s = 64).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import eqm_loss
+      >>> cos = jnp.array([[0.9, 0.1]])
+      >>> float(eqm_loss(cos, jnp.array([0]), scale=64.0, t1=0.6, t2=0.25)[0])  # log 2
+      0.6931471824645996
+    """
+    return margin_softmax_loss(
+        cos,
+        labels,
+        target_fn=functools.partial(eqm_target, t1=t1),
+        non_target_fn=functools.partial(eqm_non_target, t2=t2),
+        scale=scale,
+        where=where,
+    )
+
+
+def curricularface_loss(
+    cos: ArrayLike,
+    labels: ArrayLike,
+    state: CurricularState,
+    *,
+    scale: ArrayLike = 64.0,
+    margin: ArrayLike = 0.5,
+    where=None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, CurricularState]:
+    """CurricularFace: ArcFace target, hard negatives re-weighted by c_k·(t + c_k).
+
+    t is an EMA of the mean raw target cosine: t <- 0.01·mean_i c_{y_i} +
+    0.99·t (from 0, `init_curricular_state`). As in the authors' code the new t
+    is computed from this batch and used in this same step; it is returned as
+    the new state. Hard negatives are c_k > f(c_y) with f the ArcFace target
+    including its fallback (the reference code compares with cos(θ + m)).
+
+    Args:
+      cos: [B, C]; labels: [B]; state: `CurricularState`.
+      scale: s = 64; margin: m = 0.5.
+      where: optional bool [B] (padded rows don't enter the mean).
+      axis_name: mean over the whole device axis when set.
+
+    Returns:
+      (loss [B], new `CurricularState`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> cos = jnp.array([[0.9, 0.95], [0.2, 0.4]])
+      >>> loss, state = mj.curricularface_loss(
+      ...     cos, jnp.array([0, 1]), mj.init_curricular_state())
+      >>> round(float(state.t), 4)
+      0.0065
+
+    References:
+      Huang et al., CurricularFace, CVPR 2020, https://arxiv.org/abs/2004.00288
+    """
+    fn = "curricularface_loss"
+    cos, labels, where = _checks.prepare_cos_labels(fn, cos, labels, where)
+    state = update_curricular_state(
+        state, take_target(cos, labels), where=where, axis_name=axis_name
+    )
+    loss = margin_softmax_loss(
+        cos,
+        labels,
+        target_fn=functools.partial(arcface_target, margin=margin),
+        non_target_fn=functools.partial(curricular_non_target, t=state.t),
+        scale=scale,
+        where=where,
+    )
+    return loss, state
