@@ -74,8 +74,14 @@ def check_same_batch(x, y, x_name: str, y_name: str, fn: str) -> None:
 
 
 def check_labels(
-    labels, batch: int, fn: str, *, num_classes: int | None = None, ref: str = "cos",
-    ref_shape: tuple = (), name: str = "labels",
+    labels,
+    batch: int,
+    fn: str,
+    *,
+    num_classes: int | None = None,
+    ref: str = "cos",
+    ref_shape: tuple = (),
+    name: str = "labels",
 ) -> None:
     """Integer labels of shape [B]; values in [0, num_classes) when concrete."""
     shape = _shape(labels)

@@ -42,9 +42,14 @@ def adacos_fixed_scale(num_classes: int) -> jax.Array:
       Learning Deep Face Representations", CVPR 2019,
       https://arxiv.org/abs/1905.00292
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 3:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 3
+    ):
         raise ValueError(
-            f"adacos_fixed_scale: `num_classes` must be an int >= 3, got {num_classes!r}."
+            "adacos_fixed_scale: `num_classes` must be an int >= 3, got "
+            f"{num_classes!r}."
         )
     return jnp.sqrt(2.0) * jnp.log(jnp.float32(num_classes - 1))
 
@@ -103,7 +108,9 @@ def adacos_dynamic_scale(
         valid = jax.lax.all_gather(valid, axis_name, tiled=True)
         count = jax.lax.psum(count, axis_name)
     log_b_avg = log_sum - jnp.log(jnp.maximum(count, 1).astype(cos.dtype))
-    lower_median = jnp.sort(jnp.where(valid, theta, jnp.inf))[jnp.maximum(count - 1, 0) // 2]
+    lower_median = jnp.sort(jnp.where(valid, theta, jnp.inf))[
+        jnp.maximum(count - 1, 0) // 2
+    ]
     s_new = log_b_avg / jnp.cos(jnp.minimum(jnp.pi / 4, lower_median))
     return jnp.where(count > 0, s_new, s_prev)
 

@@ -109,7 +109,9 @@ def take_target(cos: ArrayLike, labels: ArrayLike) -> jax.Array:
     return jnp.take_along_axis(cos, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
 
 
-def target_mask(labels: ArrayLike, num_classes: int, offset: ArrayLike = 0) -> jax.Array:
+def target_mask(
+    labels: ArrayLike, num_classes: int, offset: ArrayLike = 0
+) -> jax.Array:
     """Boolean one-hot [B, num_classes]: column j is the target of row i.
 
     ``offset`` is the class index of column 0, for blocks of columns.

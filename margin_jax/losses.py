@@ -141,7 +141,9 @@ def margin_logits(
     """
     cos, labels, _ = _checks.prepare_cos_labels("margin_logits", cos, labels)
     z, target = _margin_parts(cos, labels, target_fn, non_target_fn)
-    return _scale_column(scale, cos, None, "margin_logits") * put_target(z, labels, target)
+    return _scale_column(scale, cos, None, "margin_logits") * put_target(
+        z, labels, target
+    )
 
 
 def margin_softmax_loss(
@@ -214,7 +216,9 @@ def softmax_loss(
     logits, labels, where = _checks.prepare_cos_labels(
         "softmax_loss", logits, labels, where, name="logits"
     )
-    loss = cross_entropy_from_gaps(logits - take_target(logits, labels)[:, None], labels)
+    loss = cross_entropy_from_gaps(
+        logits - take_target(logits, labels)[:, None], labels
+    )
     return loss if where is None else jnp.where(where, loss, 0.0)
 
 
@@ -263,7 +267,9 @@ def cosface_loss(
       Wang et al., CosFace, CVPR 2018, https://arxiv.org/abs/1801.09414
     """
     target_fn = functools.partial(cosface_target, margin=margin)
-    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, scale=scale, where=where
+    )
 
 
 def arcface_loss(
@@ -291,10 +297,14 @@ def arcface_loss(
     References:
       Deng et al., ArcFace, CVPR 2019, https://arxiv.org/abs/1801.07698
     """
-    target_fn = functools.partial(arcface_target, margin=margin, easy_margin=easy_margin)
+    target_fn = functools.partial(
+        arcface_target, margin=margin, easy_margin=easy_margin
+    )
     if straight_through:
         target_fn = _straight_through(target_fn)
-    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, scale=scale, where=where
+    )
 
 
 def combined_margin_loss(
@@ -320,7 +330,9 @@ def combined_margin_loss(
       (1,)
     """
     target_fn = functools.partial(combined_target, m1=m1, m2=m2, m3=m3)
-    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, scale=scale, where=where
+    )
 
 
 def sphereface_loss(
@@ -380,7 +392,9 @@ def sphereface_loss(
         scale = 64.0
     check_sphere_margin(margin, "sphereface_loss")
     target_fn = functools.partial(sphereface_target, margin=margin, lambda_=lambda_)
-    return margin_softmax_loss(cos, labels, target_fn=target_fn, scale=scale, where=where)
+    return margin_softmax_loss(
+        cos, labels, target_fn=target_fn, scale=scale, where=where
+    )
 
 
 def adacos_loss(
@@ -494,7 +508,8 @@ def sv_softmax_loss(
       >>> import jax.numpy as jnp
       >>> from margin_jax import sv_softmax_loss
       >>> cos = jnp.array([[0.5, 0.6, 0.1]])
-      >>> loss = sv_softmax_loss(cos, jnp.array([0]), margin_type="cosface", margin=0.35)
+      >>> labels = jnp.array([0])
+      >>> loss = sv_softmax_loss(cos, labels, margin_type="cosface", margin=0.35)
       >>> loss.shape
       (1,)
 
@@ -508,7 +523,11 @@ def sv_softmax_loss(
     target_fn = margin_target_fn(margin_type, margin, fn="sv_softmax_loss")
     non_target_fn = functools.partial(sv_non_target, t=t)
     return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, non_target_fn=non_target_fn, scale=scale,
+        cos,
+        labels,
+        target_fn=target_fn,
+        non_target_fn=non_target_fn,
+        scale=scale,
         where=where,
     )
 
@@ -547,7 +566,11 @@ def mv_softmax_loss(
         )
     non_target_fn = functools.partial(mv_non_target, t=t, mode=mode)
     return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, non_target_fn=non_target_fn, scale=scale,
+        cos,
+        labels,
+        target_fn=target_fn,
+        non_target_fn=non_target_fn,
+        scale=scale,
         where=where,
     )
 

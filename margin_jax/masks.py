@@ -39,7 +39,9 @@ def _hard(cos: jax.Array, target: ArrayLike) -> jax.Array:
     return _sg(cos) > _sg(jnp.asarray(target))
 
 
-def support_vector_mask(cos: ArrayLike, labels: ArrayLike, target: ArrayLike) -> jax.Array:
+def support_vector_mask(
+    cos: ArrayLike, labels: ArrayLike, target: ArrayLike
+) -> jax.Array:
     """Support vectors of SV-Softmax: I_ik = [c_ik > f(c_{y_i})] and k != y_i.
 
     Args:
@@ -65,7 +67,9 @@ def support_vector_mask(cos: ArrayLike, labels: ArrayLike, target: ArrayLike) ->
     return _hard(cos, jnp.asarray(target)[:, None]) & ~target_mask(labels, cos.shape[1])
 
 
-def sv_non_target(cos: ArrayLike, target: ArrayLike, *, t: ArrayLike = 1.2) -> jax.Array:
+def sv_non_target(
+    cos: ArrayLike, target: ArrayLike, *, t: ArrayLike = 1.2
+) -> jax.Array:
     """SV-Softmax: a support vector's logit c_k becomes t·c_k + t - 1 (t >= 1).
 
     Equivalently its term e^{s·c_k} is multiplied by h = exp(s(t-1)(c_k + 1)).
@@ -116,14 +120,18 @@ def mv_non_target(
       Recognition", AAAI 2020, https://arxiv.org/abs/1912.00833
     """
     if mode not in MV_MODES:
-        raise ValueError(f"mv_non_target: `mode` must be one of {MV_MODES}, got {mode!r}.")
+        raise ValueError(
+            f"mv_non_target: `mode` must be one of {MV_MODES}, got {mode!r}."
+        )
     cos = jnp.asarray(cos)
     t = jnp.asarray(t, cos.dtype)
     moved = cos + t if mode == "fixed" else (t + 1.0) * cos + t
     return jnp.where(_hard(cos, target), moved, cos)
 
 
-def curricular_non_target(cos: ArrayLike, target: ArrayLike, *, t: ArrayLike) -> jax.Array:
+def curricular_non_target(
+    cos: ArrayLike, target: ArrayLike, *, t: ArrayLike
+) -> jax.Array:
     """CurricularFace: hard negatives c_k > f(c_y) become c_k·(t + c_k).
 
     ``t`` (the EMA of the mean target cosine, see `margin_jax.curricularface_loss`)
@@ -156,7 +164,9 @@ def _safe_pow(x: jax.Array, gamma: jax.Array) -> jax.Array:
     return jnp.where(pos, safe_x**gamma, jnp.where(gamma == 0, 1.0, 0.0))
 
 
-def focal_weight(logits: ArrayLike, labels: ArrayLike, *, gamma: ArrayLike = 2.0) -> jax.Array:
+def focal_weight(
+    logits: ArrayLike, labels: ArrayLike, *, gamma: ArrayLike = 2.0
+) -> jax.Array:
     """Focal-loss weight (1 - p_y)^γ from logits, computed stably.
 
     1 - p_y = -expm1(log p_y) with log p_y from log_softmax, so it is accurate

@@ -11,8 +11,25 @@ import margin_jax as mj
 
 # Target angles that include θ = 0, both sides of π - m for m in {0.35, 0.5}, and π.
 GRID_ANGLES = np.array(
-    [0.0, 0.05, 0.4, 1.0, 1.5, np.pi / 2, 2.0, 2.6, 2.62, 2.64, 2.66, 2.76,
-     2.79, 2.8, 3.0, np.pi - 1e-3, np.pi]
+    [
+        0.0,
+        0.05,
+        0.4,
+        1.0,
+        1.5,
+        np.pi / 2,
+        2.0,
+        2.6,
+        2.62,
+        2.64,
+        2.66,
+        2.76,
+        2.79,
+        2.8,
+        3.0,
+        np.pi - 1e-3,
+        np.pi,
+    ]
 )
 
 
@@ -39,7 +56,9 @@ def random_inputs(batch: int = 6, num_classes: int = 9, seed: int = 0, lo=-0.9, 
 # Every loss of the family as a function (cos, labels, where) -> [B], with its
 # default hyperparameters (or the required ones), for the generic tests.
 def _curricular(cos, labels, where=None):
-    return mj.curricularface_loss(cos, labels, mj.init_curricular_state(), where=where)[0]
+    return mj.curricularface_loss(cos, labels, mj.init_curricular_state(), where=where)[
+        0
+    ]
 
 
 LOSSES = {
@@ -50,13 +69,15 @@ LOSSES = {
     "arcface_st": functools.partial(mj.arcface_loss, straight_through=True),
     "combined": mj.combined_margin_loss,
     "combined_m1_2": functools.partial(mj.combined_margin_loss, m1=2.0, m2=0.1, m3=0.1),
-    "combined_m1_1.5": functools.partial(mj.combined_margin_loss, m1=1.5, m2=0.1, m3=0.1),
+    "combined_m1_1.5": functools.partial(
+        mj.combined_margin_loss, m1=1.5, m2=0.1, m3=0.1
+    ),
     "sphereface": functools.partial(mj.sphereface_loss, lambda_=5.0),
     "sphereface_orig": lambda c, y, where=None: mj.sphereface_loss(
         c, y, feature_norm=jnp.linspace(1.0, 9.0, c.shape[0]), where=where
     ),
     "adacos": lambda c, y, where=None: mj.adacos_loss(
-        c, y, scale=mj.adacos_fixed_scale(c.shape[1]), where=where
+        c, y, scale=mj.adacos_fixed_scale(max(np.shape(c)[-1], 3)), where=where
     ),
     "focal": mj.focal_loss,
     "hard_mining": mj.hard_mining_loss,

@@ -65,12 +65,15 @@ def test_combined_traced_m1_matches_chebyshev_form():
         close(static, traced, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("margin_type,margin", [("none", 0.0), ("cosface", 0.35),
-                                                ("arcface", 0.5)])
+@pytest.mark.parametrize(
+    "margin_type,margin", [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5)]
+)
 def test_sv_with_t1_is_base_loss(margin_type, margin):
     cos, labels = grid_inputs()
     base = mj.margin_softmax_loss(
-        cos, labels, target_fn=mj.losses.margin_target_fn(margin_type, margin, fn="t"),
+        cos,
+        labels,
+        target_fn=mj.losses.margin_target_fn(margin_type, margin, fn="t"),
         scale=32.0,
     )
     sv = mj.sv_softmax_loss(cos, labels, t=1.0, margin_type=margin_type, margin=margin)
@@ -209,7 +212,9 @@ def test_eqm_with_both_hinges_active_is_cosface():
 def test_eqm_gradients_switch_off():
     cos = jnp.array([[0.9, 0.1, 0.5], [0.2, 0.4, 0.0]])
     labels = jnp.array([0, 1])
-    g = jax.grad(lambda c: mj.eqm_loss(c, labels, scale=16.0, t1=0.6, t2=0.25).sum())(cos)
+    g = jax.grad(lambda c: mj.eqm_loss(c, labels, scale=16.0, t1=0.6, t2=0.25).sum())(
+        cos
+    )
     assert g[0, 0] == 0.0  # c_y >= t1
     assert g[0, 1] == 0.0 and g[1, 2] == 0.0  # c_j <= t2
     assert g[1, 1] < 0 and g[0, 2] > 0  # active hinges
@@ -219,7 +224,9 @@ def test_straight_through_gradient_is_normface_gradient():
     cos, labels = grid_inputs()
     g_st = jax.grad(lambda c: mj.arcface_loss(c, labels, straight_through=True).sum())
     logits = mj.margin_logits(
-        cos, labels, target_fn=functools.partial(mj.arcface_target, margin=0.5),
+        cos,
+        labels,
+        target_fn=functools.partial(mj.arcface_target, margin=0.5),
         scale=64.0,
     )
     # d/dc of CE(s·z) with dz_y/dc_y = 1: s·(softmax - onehot).
@@ -231,8 +238,10 @@ def test_focal_gamma0_and_hard_mining_ratio1_are_softmax():
     cos, labels = random_inputs(seed=4)
     logits = 10.0 * cos
     close(mj.focal_loss(logits, labels, gamma=0.0), mj.softmax_loss(logits, labels))
-    close(mj.hard_mining_loss(logits, labels, keep_ratio=1.0),
-          mj.softmax_loss(logits, labels))
+    close(
+        mj.hard_mining_loss(logits, labels, keep_ratio=1.0),
+        mj.softmax_loss(logits, labels),
+    )
 
 
 def test_naive_mining_margin_is_a_composition():
@@ -240,10 +249,15 @@ def test_naive_mining_margin_is_a_composition():
     kw = dict(target_fn=functools.partial(mj.cosface_target, margin=0.35), scale=30.0)
     logits = mj.margin_logits(cos, labels, **kw)
     ce = mj.margin_softmax_loss(cos, labels, **kw)
-    close(mj.focal_loss(logits, labels), mj.focal_weight(logits, labels) * ce, rtol=1e-5)
+    close(
+        mj.focal_loss(logits, labels), mj.focal_weight(logits, labels) * ce, rtol=1e-5
+    )
     keep = mj.hard_mining_mask(ce, keep_ratio=0.5)
-    close(mj.hard_mining_loss(logits, labels, keep_ratio=0.5), jnp.where(keep, ce, 0.0),
-          rtol=1e-5)
+    close(
+        mj.hard_mining_loss(logits, labels, keep_ratio=0.5),
+        jnp.where(keep, ce, 0.0),
+        rtol=1e-5,
+    )
 
 
 def test_hard_mining_keeps_floor_rB_largest():
@@ -271,7 +285,9 @@ def test_chebyshev_matches_explicit_polynomials_and_cos_m_theta():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 def test_sphereface_psi_is_monotone_and_continuous(m):
     theta = np.linspace(0, np.pi, 2001)
-    psi = np.asarray(mj.sphereface_psi(jnp.asarray(np.cos(theta), jnp.float32), margin=m))
+    psi = np.asarray(
+        mj.sphereface_psi(jnp.asarray(np.cos(theta), jnp.float32), margin=m)
+    )
     assert np.all(np.diff(psi) <= 1e-5)
     assert np.max(np.abs(np.diff(psi))) < 0.05  # no jumps
     close(psi[[0, -1]], [1.0, 1.0 - 2 * m], atol=1e-5)
@@ -282,22 +298,30 @@ def test_arcface_target_is_monotone():
     f = np.asarray(mj.arcface_target(jnp.asarray(np.cos(theta), jnp.float32)))
     assert np.all(np.diff(f) <= 1e-6)
     # Fallback region θ > π - m uses c - m·sin m.
-    close(f[theta > np.pi - 0.5], np.cos(theta[theta > np.pi - 0.5]) - 0.5 * np.sin(0.5),
-          rtol=1e-5, atol=1e-6)
+    close(
+        f[theta > np.pi - 0.5],
+        np.cos(theta[theta > np.pi - 0.5]) - 0.5 * np.sin(0.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
-@pytest.mark.parametrize("m1,m2,m3", [(1.0, 0.5, 0.0), (2.0, 0.0, 0.1), (1.5, 0.3, 0.2),
-                                      (3.0, 0.2, 0.0)])
+@pytest.mark.parametrize(
+    "m1,m2,m3", [(1.0, 0.5, 0.0), (2.0, 0.0, 0.1), (1.5, 0.3, 0.2), (3.0, 0.2, 0.0)]
+)
 def test_combined_target_is_monotone(m1, m2, m3):
     theta = np.linspace(0, np.pi, 2001)
-    f = np.asarray(mj.combined_target(jnp.asarray(np.cos(theta), jnp.float32), m1=m1,
-                                      m2=m2, m3=m3))
+    f = np.asarray(
+        mj.combined_target(jnp.asarray(np.cos(theta), jnp.float32), m1=m1, m2=m2, m3=m3)
+    )
     assert np.all(np.diff(f) <= 1e-5)
 
 
 def test_sphereface_lambda_schedule():
     assert float(mj.sphereface_lambda(0)) == 1000.0
-    np.testing.assert_allclose(float(mj.sphereface_lambda(100)), 1000.0 / 13.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(mj.sphereface_lambda(100)), 1000.0 / 13.0, rtol=1e-6
+    )
     assert float(mj.sphereface_lambda(1_000_000)) == 5.0
     lam = jax.jit(mj.sphereface_lambda)(jnp.arange(0, 5000, 500))
     assert np.all(np.diff(np.asarray(lam)) <= 0)
@@ -305,8 +329,11 @@ def test_sphereface_lambda_schedule():
 
 def test_sphereface_large_lambda_tends_to_normface():
     cos, labels = random_inputs(seed=6)
-    close(mj.sphereface_loss(cos, labels, lambda_=1e7, scale=16.0),
-          mj.normface_loss(cos, labels, scale=16.0), rtol=1e-4)
+    close(
+        mj.sphereface_loss(cos, labels, lambda_=1e7, scale=16.0),
+        mj.normface_loss(cos, labels, scale=16.0),
+        rtol=1e-4,
+    )
 
 
 def test_sphereface_original_form_uses_feature_norm():

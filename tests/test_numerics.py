@@ -25,8 +25,12 @@ def _sum_loss(name):
 def test_finite_gradients_at_cos_plus_minus_one(name):
     # Targets and non-targets exactly at ±1.
     cos = jnp.array(
-        [[1.0, -1.0, 0.2, 1.0], [-1.0, 1.0, -1.0, 0.0], [1.0, 1.0, 1.0, 1.0],
-         [-1.0, -1.0, -1.0, -1.0]]
+        [
+            [1.0, -1.0, 0.2, 1.0],
+            [-1.0, 1.0, -1.0, 0.0],
+            [1.0, 1.0, 1.0, 1.0],
+            [-1.0, -1.0, -1.0, -1.0],
+        ]
     )
     labels = jnp.array([0, 0, 2, 3])
     value, grad = jax.value_and_grad(_sum_loss(name))(cos, labels)
@@ -75,7 +79,9 @@ def test_embedding_norms_do_not_matter(name, norm):
 def test_zero_embedding_has_finite_gradient():
     x = jnp.zeros((2, 4)).at[1].set(1.0)
     w = jnp.eye(4)
-    g = jax.grad(lambda x: mj.arcface_loss(mj.cosine_logits(x, w), jnp.array([0, 1])).sum())
+    g = jax.grad(
+        lambda x: mj.arcface_loss(mj.cosine_logits(x, w), jnp.array([0, 1])).sum()
+    )
     assert np.all(np.isfinite(g(x)))
 
 
@@ -83,7 +89,9 @@ def test_zero_embedding_has_finite_gradient():
 def test_jit_matches_eager(name):
     cos, labels = grid_inputs()
     np.testing.assert_allclose(
-        jax.jit(LOSSES[name])(cos, labels), LOSSES[name](cos, labels), rtol=1e-5,
+        jax.jit(LOSSES[name])(cos, labels),
+        LOSSES[name](cos, labels),
+        rtol=1e-5,
         atol=1e-6,
     )
 
@@ -99,12 +107,14 @@ def test_batch_equals_vmap_of_single_examples(name):
         fn = lambda c, y, n: mj.sphereface_loss(c, y, feature_norm=n)  # noqa: E731
         norms = jnp.linspace(1.0, 9.0, cos.shape[0])
         single = jax.vmap(lambda c, y, n: fn(c[None], y[None], n[None])[0])
-        np.testing.assert_allclose(single(cos, labels, norms), fn(cos, labels, norms),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            single(cos, labels, norms), fn(cos, labels, norms), rtol=1e-6, atol=1e-6
+        )
         return
     single = jax.vmap(lambda c, y: LOSSES[name](c[None], y[None])[0])
-    np.testing.assert_allclose(single(cos, labels), LOSSES[name](cos, labels),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        single(cos, labels), LOSSES[name](cos, labels), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -122,7 +132,9 @@ def test_where_equals_slicing(name):
     else:
         sliced = LOSSES[name](cos[keep], labels[keep])
     np.testing.assert_allclose(np.asarray(full)[keep], sliced, rtol=1e-6, atol=1e-6)
-    grad = jax.grad(lambda c: LOSSES[name](c, labels, where=jnp.asarray(keep)).sum())(dirty)
+    grad = jax.grad(lambda c: LOSSES[name](c, labels, where=jnp.asarray(keep)).sum())(
+        dirty
+    )
     assert np.all(np.asarray(grad)[~keep] == 0.0)
     assert np.all(np.isfinite(grad))
 
@@ -136,8 +148,12 @@ def test_where_equals_slicing(name):
 SMOOTH = [n for n in NAMES if n not in ("hard_mining", "arcface_st", "curricularface")]
 SMOOTH_FNS = dict(LOSSES)
 SMOOTH_FNS["curricular_fixed_t"] = lambda c, y: mj.margin_softmax_loss(
-    c, y, target_fn=functools.partial(mj.arcface_target, margin=0.5),
-    non_target_fn=functools.partial(mj.curricular_non_target, t=0.3), scale=64.0)
+    c,
+    y,
+    target_fn=functools.partial(mj.arcface_target, margin=0.5),
+    non_target_fn=functools.partial(mj.curricular_non_target, t=0.3),
+    scale=64.0,
+)
 SMOOTH.append("curricular_fixed_t")
 
 
@@ -149,8 +165,15 @@ def test_check_grads(name):
         target = cos[jnp.arange(3), labels]
         # Keep every non-target at least 0.1 from every threshold it is compared to.
         cos = jnp.where(jnp.abs(cos - target[:, None] + 0.35) < 0.1, cos - 0.25, cos)
-        check_grads(lambda c: SMOOTH_FNS[name](c, labels) / 64.0, (cos,), order=1,
-                    modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
+        check_grads(
+            lambda c: SMOOTH_FNS[name](c, labels) / 64.0,
+            (cos,),
+            order=1,
+            modes=["rev"],
+            eps=1e-6,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_check_grads_through_cosine_logits():
@@ -163,8 +186,9 @@ def test_check_grads_through_cosine_logits():
         check_grads(f, (x, w), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["normface", "cosface", "arcface", "sv_arc", "mv_am",
-                                  "eqm", "combined"])
+@pytest.mark.parametrize(
+    "name", ["normface", "cosface", "arcface", "sv_arc", "mv_am", "eqm", "combined"]
+)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_rotation_invariance_and_nonnegativity(name, seed):
@@ -195,9 +219,11 @@ def test_every_loss_finite_on_any_cosines(cos, labels):
 def test_scale_can_be_traced_and_scheduled():
     cos, labels = random_inputs()
     f = jax.jit(lambda c, s, m: mj.arcface_loss(c, labels, scale=s, margin=m))
-    np.testing.assert_allclose(f(cos, 30.0, 0.4),
-                               mj.arcface_loss(cos, labels, scale=30.0, margin=0.4),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        f(cos, 30.0, 0.4),
+        mj.arcface_loss(cos, labels, scale=30.0, margin=0.4),
+        rtol=1e-6,
+    )
     g = jax.grad(lambda m: mj.cosface_loss(cos, labels, margin=m).sum())(0.35)
     assert np.isfinite(g) and g > 0
 
@@ -210,9 +236,14 @@ def test_curricularface_state_update_and_use():
     np.testing.assert_allclose(float(new.t), 0.01 * mean, rtol=1e-5)
     # The step uses the new t.
     expected = mj.margin_softmax_loss(
-        cos, labels, target_fn=functools.partial(mj.arcface_target, margin=0.5),
-        non_target_fn=functools.partial(mj.curricular_non_target, t=new.t), scale=64.0)
+        cos,
+        labels,
+        target_fn=functools.partial(mj.arcface_target, margin=0.5),
+        non_target_fn=functools.partial(mj.curricular_non_target, t=new.t),
+        scale=64.0,
+    )
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     _, newer = jax.jit(mj.curricularface_loss)(cos, labels, new)
-    np.testing.assert_allclose(float(newer.t), 0.01 * mean + 0.99 * float(new.t),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(newer.t), 0.01 * mean + 0.99 * float(new.t), rtol=1e-5
+    )
