@@ -46,8 +46,8 @@ def l2_normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Arr
     Example:
       >>> import jax.numpy as jnp
       >>> from margin_jax import l2_normalize
-      >>> l2_normalize(jnp.array([[3.0, 4.0]])).tolist()
-      [[0.6000000238418579, 0.800000011920929]]
+      >>> [round(float(v), 4) for v in l2_normalize(jnp.array([3.0, 4.0]))]
+      [0.6, 0.8]
 
     Differs from ``torch.nn.functional.normalize``: there a vector with norm
     below eps is divided by eps; here only the zero vector is special.

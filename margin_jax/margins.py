@@ -351,8 +351,8 @@ def eqm_target(c: ArrayLike, *, t1: ArrayLike) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp
       >>> from margin_jax import eqm_target
-      >>> eqm_target(jnp.array([0.9, 0.2]), t1=0.5).tolist()
-      [-0.0, -0.30000001192092896]
+      >>> [round(float(v), 4) for v in eqm_target(jnp.array([0.9, 0.2]), t1=0.5)]
+      [-0.0, -0.3]
     """
     c = _as_float(c)
     return -jax.nn.relu(jnp.asarray(t1, c.dtype) - c)

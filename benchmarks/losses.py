@@ -1,0 +1,215 @@
+"""Forward + backward time of every margin-softmax loss, as ratios within one run.
+
+For each class count C, times the jitted value-and-gradient w.r.t. embeddings
+x [B, D] and class centres W [C, D] of every loss (cosine_logits included),
+next to, on the same shapes and in the same run:
+
+* plain softmax CE on x @ W.T (optax.softmax_cross_entropy_with_integer_labels),
+* the bare matmul floor: forward x @ W.T and its two backward matmuls,
+* pytorch-metric-learning's loss of the same name, where one exists and torch is
+  installed (``pip install margin-jax[benchmark]``), on the same data.
+
+Ratios, not absolute times, are the result: these machines are noisy.
+
+    python benchmarks/losses.py                 # B=256, D=512, C=10k and 100k
+    python benchmarks/losses.py --quick         # C=1k, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import margin_jax as mj  # noqa: E402
+
+
+def _losses(num_classes: int) -> dict:
+    adacos_s = mj.adacos_fixed_scale(num_classes)
+    return {
+        "normface": mj.normface_loss,
+        "cosface": mj.cosface_loss,
+        "arcface": mj.arcface_loss,
+        "arcface (straight-through)": functools.partial(
+            mj.arcface_loss, straight_through=True
+        ),
+        "combined (1, 0.3, 0.2)": mj.combined_margin_loss,
+        "sphereface (m=4, λ=5)": functools.partial(mj.sphereface_loss, lambda_=5.0),
+        "adacos (fixed)": functools.partial(mj.adacos_loss, scale=adacos_s),
+        "sv-softmax": mj.sv_softmax_loss,
+        "sv-am": functools.partial(
+            mj.sv_softmax_loss, margin_type="cosface", margin=0.35
+        ),
+        "sv-arc": functools.partial(
+            mj.sv_softmax_loss, margin_type="arcface", margin=0.5
+        ),
+        "mv-am": mj.mv_softmax_loss,
+        "mv-arc (fixed)": functools.partial(
+            mj.mv_softmax_loss, margin_type="arcface", margin=0.5, mode="fixed"
+        ),
+        "eqm": functools.partial(mj.eqm_loss, scale=64.0, t1=0.6, t2=0.25),
+        "curricularface": lambda c, y: mj.curricularface_loss(
+            c, y, mj.init_curricular_state()
+        )[0],
+        "focal (on arcface logits)": lambda c, y: mj.focal_loss(
+            mj.margin_logits(
+                c,
+                y,
+                target_fn=functools.partial(mj.arcface_target, margin=0.5),
+                scale=64.0,
+            ),
+            y,
+        ),
+        "hard mining (r=0.9)": lambda c, y: mj.hard_mining_loss(64.0 * c, y),
+    }
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Median wall time in ms of fn(*args), after one compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _jax_step(loss_fn):
+    def total(x, w, y):
+        return jnp.mean(loss_fn(mj.cosine_logits(x, w), y))
+
+    return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+
+
+def _softmax_ce_step():
+    def total(x, w, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w.T, y))
+
+    return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+
+
+def _matmul_floor():
+    def fwd_bwd(x, w, g):
+        out, vjp = jax.vjp(lambda x, w: x @ w.T, x, w)
+        return out[0, 0], vjp(g)
+
+    return jax.jit(fwd_bwd)
+
+
+def _pml_losses(num_classes: int, dim: int):
+    """PML losses of the same name, in radians/scale matched to ours."""
+    try:
+        import torch
+        from pytorch_metric_learning import losses as pml
+    except ImportError:
+        return None, {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    kw = dict(num_classes=num_classes, embedding_size=dim)
+    table = {
+        "normface": lambda: pml.NormalizedSoftmaxLoss(temperature=1 / 64.0, **kw),
+        "cosface": lambda: pml.CosFaceLoss(margin=0.35, scale=64, **kw),
+        "arcface": lambda: pml.ArcFaceLoss(margin=np.degrees(0.5), scale=64, **kw),
+        "sphereface (m=4, λ=5)": lambda: pml.SphereFaceLoss(margin=4, scale=64, **kw),
+    }
+    return torch, table
+
+
+def _time_torch(torch, loss, x, w, y, repeats: int) -> float:
+    xt = torch.tensor(x, requires_grad=True)
+    # PML stores W as [D, C].
+    with torch.no_grad():
+        loss.W.copy_(torch.tensor(w.T))
+    yt = torch.tensor(y, dtype=torch.long)
+
+    def step():
+        xt.grad = None
+        loss.W.grad = None
+        out = loss(xt, yt)
+        out.backward()
+        return out
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> str:
+    rows = []
+    header = (
+        f"| loss | C | ms | × softmax CE | × matmul floor | PML ms | × PML |\n"
+        f"|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for num_classes in classes:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(batch, dim)).astype(np.float32)
+        w = rng.normal(size=(num_classes, dim)).astype(np.float32)
+        y = rng.integers(0, num_classes, batch).astype(np.int32)
+        g = rng.normal(size=(batch, num_classes)).astype(np.float32)
+        xj, wj, yj, gj = map(jnp.asarray, (x, w, y, g))
+        print(f"C={num_classes}: baselines", file=sys.stderr, flush=True)
+        floor = _time(_matmul_floor(), xj, wj, gj, repeats=repeats)
+        ce = _time(_softmax_ce_step(), xj, wj, yj, repeats=repeats)
+        rows.append(
+            f"| bare matmul fwd+bwd | {num_classes} | {floor:.1f} | "
+            f"{floor / ce:.2f} | 1.00 | | |"
+        )
+        rows.append(
+            f"| softmax CE on x·Wᵀ | {num_classes} | {ce:.1f} | 1.00 | "
+            f"{ce / floor:.2f} | | |"
+        )
+        torch, pml_table = _pml_losses(num_classes, dim) if pml else (None, {})
+        for name, loss_fn in _losses(num_classes).items():
+            print(f"C={num_classes}: {name}", file=sys.stderr, flush=True)
+            ms = _time(_jax_step(loss_fn), xj, wj, yj, repeats=repeats)
+            pml_ms, ratio = "", ""
+            if name in pml_table:
+                t = _time_torch(torch, pml_table[name](), x, w, y, repeats)
+                pml_ms, ratio = f"{t:.1f}", f"{ms / t:.2f}"
+            rows.append(
+                f"| {name} | {num_classes} | {ms:.1f} | {ms / ce:.2f} | "
+                f"{ms / floor:.2f} | {pml_ms} | {ratio} |"
+            )
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}, "
+        f"jax {jax.__version__}"
+    )
+    return (
+        f"B={batch}, D={dim}, median of {repeats} runs after warm-up; {machine}\n\n"
+        + header
+        + "\n"
+        + "\n".join(rows)
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--classes", default="10000,100000")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-pml", action="store_true", help="skip PyTorch")
+    parser.add_argument("--quick", action="store_true", help="C=1000, 2 repeats")
+    args = parser.parse_args(argv)
+    classes = [int(c) for c in args.classes.split(",")]
+    if args.quick:
+        classes, args.repeats = [1000], 2
+    print(run(args.batch, args.dim, classes, args.repeats, not args.no_pml))
+
+
+if __name__ == "__main__":
+    main()
