@@ -151,8 +151,8 @@ def _time_torch(torch, loss, x, w, y, repeats: int) -> float:
 def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> str:
     rows = []
     header = (
-        f"| loss | C | ms | × softmax CE | × matmul floor | PML ms | × PML |\n"
-        f"|---|---:|---:|---:|---:|---:|---:|"
+        "| loss | C | ms | × softmax CE | × matmul floor | PML ms | × PML |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
     )
     for num_classes in classes:
         rng = np.random.default_rng(0)
