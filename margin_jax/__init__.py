@@ -8,6 +8,15 @@ from margin_jax.adaptive import adacos_dynamic_scale as adacos_dynamic_scale
 from margin_jax.adaptive import adacos_fixed_scale as adacos_fixed_scale
 from margin_jax.adaptive import init_curricular_state as init_curricular_state
 from margin_jax.adaptive import update_curricular_state as update_curricular_state
+from margin_jax.centers import CenterState as CenterState
+from margin_jax.centers import center_loss as center_loss
+from margin_jax.centers import init_centers as init_centers
+from margin_jax.centers import update_centers as update_centers
+from margin_jax.chunked import PartialFCSample as PartialFCSample
+from margin_jax.chunked import chunked_margin_loss as chunked_margin_loss
+from margin_jax.chunked import non_target_logsumexp as non_target_logsumexp
+from margin_jax.chunked import partial_fc_sample as partial_fc_sample
+from margin_jax.chunked import sharded_margin_loss as sharded_margin_loss
 from margin_jax.cosine import cosine_logits as cosine_logits
 from margin_jax.cosine import l2_normalize as l2_normalize
 from margin_jax.cosine import put_target as put_target
@@ -48,5 +57,16 @@ from margin_jax.masks import hard_mining_mask as hard_mining_mask
 from margin_jax.masks import mv_non_target as mv_non_target
 from margin_jax.masks import support_vector_mask as support_vector_mask
 from margin_jax.masks import sv_non_target as sv_non_target
+from margin_jax.pairs import contrastive_loss as contrastive_loss
+from margin_jax.pairs import mine_batch_all as mine_batch_all
+from margin_jax.pairs import mine_batch_hard as mine_batch_hard
+from margin_jax.pairs import mine_semi_hard as mine_semi_hard
+from margin_jax.pairs import negative_mask as negative_mask
+from margin_jax.pairs import npair_loss as npair_loss
+from margin_jax.pairs import pairwise_distances as pairwise_distances
+from margin_jax.pairs import positive_mask as positive_mask
+from margin_jax.pairs import triplet_loss as triplet_loss
+from margin_jax.pairs import triplet_loss_with_stats as triplet_loss_with_stats
+from margin_jax.pairs import two_head_loss as two_head_loss
 
 __version__ = "0.1.0"

@@ -98,10 +98,11 @@ def cross_entropy_from_gaps(gaps: jax.Array, labels: jax.Array) -> jax.Array:
     max_{j≠y} d_j), so a small loss keeps its relative precision (logsumexp(z) -
     z_y subtracts two numbers near s = 64 and loses it).
     """
-    others = ~target_mask(labels, gaps.shape[-1])
-    top = jnp.max(jnp.where(others, gaps, -jnp.inf), axis=-1, initial=0.0)
-    top = jax.lax.stop_gradient(top)
-    rest = jnp.sum(jnp.where(others, jnp.exp(gaps - top[:, None]), 0.0), axis=-1)
+    # Mask before exp: the target column's gap can overflow exp, and a masked
+    # inf would still turn the gradient into 0·inf = NaN.
+    gaps = jnp.where(~target_mask(labels, gaps.shape[-1]), gaps, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(gaps, axis=-1, initial=0.0))
+    rest = jnp.sum(jnp.exp(gaps - top[:, None]), axis=-1)
     return top + jnp.log1p(jnp.expm1(-top) + rest)
 
 

@@ -1,0 +1,134 @@
+"""End to end: train.train_and_evaluate and the CLI on 8 fake CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint, input_pipeline, train
+from train.configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    input_pipeline.load_dataset("margin_jax_digits", path)  # prepare once
+    return path
+
+
+def _config(data_dir, **overrides):
+    config = tiny.get_config()
+    config.data_dir = data_dir
+    config.update(overrides)
+    return config
+
+
+def _final_state(workdir, config):
+    tx, _ = train.create_optimizer(config)
+    _, _, like = train.create_train_state(config, (8, 8, 1), 7, tx)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=1, keep=10
+    )
+    try:
+        return ckpt.latest_step(), jax.device_get(ckpt.restore(like))
+    finally:
+        ckpt.close()
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_steps_end_to_end_on_8_devices(data_dir, tmp_path):
+    assert jax.local_device_count() == 8
+    config = _config(data_dir, num_train_steps=2, plots=True)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= results["verification_accuracy"] <= 1.0
+    for name in ("eval.json", "report.md", "roc.png", "embeddings.png"):
+        assert (tmp_path / name).exists(), name
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
+    assert set(json.loads((tmp_path / "eval.json").read_text())) >= {
+        "verification_accuracy",
+        "tar_at_far",
+        "recall_at_k",
+        "map_at_r",
+        "nmi",
+    }
+
+
+def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    config = _config(data_dir, num_train_steps=4, checkpoint_every_steps=2)
+    config.loss = {"name": "adacos"}  # loss state must survive the restart too
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.train_and_evaluate(config, whole)
+    # "Killed" after step 3: the last checkpoint is step 2, step 3 is redone.
+    assert train.train_and_evaluate(config, parts, max_steps=3) == {}
+    assert _final_state(parts, config)[0] == 2
+    train.train_and_evaluate(config, parts)
+    (step_a, state_a), (step_b, state_b) = (
+        _final_state(whole, config),
+        _final_state(parts, config),
+    )
+    assert step_a == step_b == 4
+    jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+    assert _metrics(whole) == [
+        {**r, "images_per_sec": a["images_per_sec"]}
+        for r, a in zip(_metrics(parts), _metrics(whole), strict=True)
+    ]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    config = _config(
+        data_dir, num_train_steps=4, checkpoint_every_steps=1, learning_rate=1e38
+    )
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path))
+    step, state = _final_state(str(tmp_path), config)
+    assert step is not None
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_bad_choices_list_valid_ones(data_dir, tmp_path):
+    config = _config(data_dir)
+    config.loss.name = "arcfac"
+    with pytest.raises(ValueError, match="valid choices for config.loss.name"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = _config(data_dir, optimizer="adam")
+    with pytest.raises(ValueError, match="sgd, adamw"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.loss.name=nope", "valid choices for config.loss.name"),
+        ("--config.loss.scael=1", "valid choices: margin, name, scale"),
+    ],
+)
+def test_cli_bad_override_fails_with_choices(tmp_path, override, message):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            "--config",
+            os.path.join(ROOT, "train/configs/tiny.py"),
+            "--workdir",
+            str(tmp_path),
+            override,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr

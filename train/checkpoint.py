@@ -1,0 +1,45 @@
+"""Checkpoints with orbax-checkpoint (the only module that touches orbax).
+
+The whole train state (step, parameters, batch statistics, optimiser state,
+loss state, RNG) is one pytree saved every ``every`` steps, the last ``keep``
+kept. The data position is the step itself (`train.input_pipeline.BatchSampler`
+is a pure function of the step), so restoring the latest checkpoint and
+continuing gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A thin wrapper of `ocp.CheckpointManager` for one state pytree."""
+
+    def __init__(self, directory: str, *, every: int, keep: int):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, like):
+        """Restores the latest checkpoint into the structure of ``like``."""
+        step = self.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Saves ``state`` (unreplicated) if ``step`` is due, or ``force``."""
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

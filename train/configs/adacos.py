@@ -1,0 +1,7 @@
+"""Dynamic AdaCos: adaptive scale carried in the loss state."""
+
+from train.configs._family import with_loss
+
+
+def get_config():
+    return with_loss("adacos")

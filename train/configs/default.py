@@ -1,0 +1,48 @@
+"""Default: a small CNN on the embedded digits with ArcFace, open-set split.
+
+Classes 0-6 train, 7-9 are held out for the evaluation. About a minute of
+training on 2 CPU cores.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data (tensorflow-datasets; nothing is downloaded at run time).
+    config.dataset = "margin_jax_digits"
+    config.data_dir = "~/.cache/margin_jax/tfds"
+    config.split = "train"
+    config.image_key = "image"
+    config.label_key = "label"
+    config.num_train_classes = 7  # the first 7 classes train, the rest held out
+    config.sampler = "random"  # or "pk": P classes x K images per batch
+    config.batch_size = 128  # global, split over the local devices
+    config.images_per_class = 4  # K of the "pk" sampler
+    config.seed = 0
+    # Model.
+    config.model = "small_cnn"
+    config.width = 32
+    config.embedding_dim = 64
+    # Loss: `name` picks from train.losses_table.LOSSES, the rest are its
+    # hyperparameters (scale 16 rather than 64: 7 classes, not 85k).
+    config.loss = ml_collections.ConfigDict({"name": "arcface", "scale": 16.0})
+    config.loss.margin = 0.5
+    # Optimiser: warm-up then cosine decay.
+    config.optimizer = "sgd"  # or "adamw"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+    config.warmup_steps = 50
+    config.end_lr_factor = 0.0
+    config.num_train_steps = 600
+    # Bookkeeping.
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 200
+    config.keep_checkpoints = 2
+    config.tensorboard = True
+    config.progress_bar = True
+    # Evaluation on held-out identities.
+    config.eval_num_pairs = 3000
+    config.plots = True
+    return config

@@ -1,0 +1,97 @@
+"""Open-set evaluation on held-out identities with margin_jax.eval.
+
+The model never saw these classes. Reported, as face-recognition papers do:
+verification accuracy (LFW protocol, 10 folds) and VAL@FAR on pairs built from
+held-out classes, TAR@FAR from one ROC over all pairs, Recall@K, precision@1,
+R-precision and MAP@R of retrieval among held-out images, and NMI of k-means
+clusters. Test-time flip fusion is not used: flipped digits are other glyphs.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from margin_jax import eval as mj_eval
+from train import input_pipeline
+
+
+def embed(eval_graphdef, params, batch_stats, images, *, batch_size=256):
+    """Embeddings [N, D] (float32 NumPy) of uint8 images, model in eval mode."""
+
+    @jax.jit
+    def apply(params, batch_stats, x):
+        return nnx.merge(eval_graphdef, params, batch_stats)(x)
+
+    chunks = [
+        np.asarray(
+            apply(
+                params,
+                batch_stats,
+                input_pipeline.preprocess(images[i : i + batch_size]),
+            )
+        )
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks)
+
+
+def make_pairs(labels: np.ndarray, num_pairs: int, seed: int):
+    """Alternating genuine / impostor pairs (i, j) of distinct images, seeded.
+
+    Alternating keeps every contiguous fold of the LFW protocol balanced.
+    Returns (first [P], second [P], issame bool [P]).
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    first, second = np.empty(num_pairs, int), np.empty(num_pairs, int)
+    issame = np.arange(num_pairs) % 2 == 0
+    for p in range(num_pairs):
+        if issame[p]:
+            members = by_class[rng.integers(len(classes))]
+            first[p], second[p] = rng.choice(members, 2, replace=False)
+        else:
+            a, b = rng.choice(len(classes), 2, replace=False)
+            first[p], second[p] = rng.choice(by_class[a]), rng.choice(by_class[b])
+    return first, second, issame
+
+
+def evaluate_open_set(eval_graphdef, params, batch_stats, held_out, config) -> dict:
+    """All open-set metrics as a JSON-ready dict (plus arrays for the plots)."""
+    emb = embed(eval_graphdef, params, batch_stats, held_out.images)
+    labels = held_out.labels
+    first, second, issame = make_pairs(labels, config.eval_num_pairs, config.seed)
+    verification = mj_eval.verification_accuracy(emb[first], emb[second], issame)
+    scores = mj_eval.pair_similarity(emb[first], emb[second])
+    tar = mj_eval.tar_at_far(scores, issame, fars=(1e-3, 1e-2, 1e-1))
+    recall = mj_eval.recall_at_k(emb, labels, ks=(1, 2, 4, 8))
+    retrieval = mj_eval.retrieval_metrics(emb, labels)
+    results = {
+        "held_out_classes": [int(c) for c in np.unique(labels)],
+        "num_held_out_images": int(len(labels)),
+        "num_pairs": int(len(issame)),
+        "verification_accuracy": float(verification["mean"]),
+        "verification_accuracy_std": float(verification["std"]),
+        "val_at_far_1e-3": float(verification["val"]),
+        "tar_at_far": {
+            f"{f:g}": float(t) for f, t in zip(tar["far"], tar["tar"], strict=True)
+        },
+        "roc_auc": float(tar["auc"]),
+        "recall_at_k": {
+            k: float(v) for k, v in recall.items() if k.startswith("recall")
+        },
+        "precision_at_1": float(retrieval["precision_at_1"]),
+        "r_precision": float(retrieval["r_precision"]),
+        "map_at_r": float(retrieval["map_at_r"]),
+        "nmi": float(mj_eval.nmi(emb, labels, seed=config.seed)),
+    }
+    # Arrays for the plots; `report.write_report` drops them from eval.json.
+    results["_arrays"] = {
+        "embeddings": emb,
+        "labels": labels,
+        "scores": scores,
+        "issame": issame,
+    }
+    return results

@@ -1,0 +1,76 @@
+"""Command line: python -m train.main --config train/configs/default.py --workdir DIR.
+
+Any config field can be overridden, e.g. ``--config.loss.margin=0.3``.
+"""
+
+import importlib.util
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and report.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "train/configs/default.py", "Training configuration file."
+)
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from train import train
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(
+        "Held-out verification accuracy: "
+        f"{results['verification_accuracy']:.4f} ± "
+        f"{results['verification_accuracy_std']:.4f} "
+        f"(report: {_WORKDIR.value}/report.md)"
+    )
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """Exits with the valid field names if a --config.a.b=... names no field.
+
+    config_flags itself only reports a bare AttributeError.
+    """
+    path = "train/configs/default.py"
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    path = path.split(":", 1)[0]
+    prefix = "--config."
+    overrides = [a[len(prefix) :].split("=")[0] for a in argv if a.startswith(prefix)]
+    if not overrides:
+        return
+    spec = importlib.util.spec_from_file_location("_margin_jax_config", path)
+    if spec is None:
+        return  # config_flags reports the missing file.
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted in overrides:
+        node = config
+        for i, key in enumerate(dotted.split(".")):
+            if not hasattr(node, "keys") or key not in node:
+                where = ".".join(["config", *dotted.split(".")[:i]])
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                sys.exit(
+                    f"Unknown config override --config.{dotted}: {where} has no "
+                    f"field {key!r}; valid choices: {valid or '(none)'}."
+                )
+            node = node[key]
+
+
+def main():
+    flags.mark_flag_as_required("workdir")
+    _check_overrides(sys.argv[1:])
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()
