@@ -51,7 +51,6 @@ def _temp_bytes(fn, *args) -> int:
 
 def _single(kind, batch, dim, num_classes, chunk, repeats):
     import jax
-    import jax.numpy as jnp
 
     sys.path.insert(0, ROOT)
     import margin_jax as mj
