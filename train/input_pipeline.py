@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from train import digits_builder
+from train import digits_builder, recordio_builder
 
 SAMPLERS = ("random", "pk")
 
@@ -63,6 +63,12 @@ def get_builder(name: str, data_dir: str):
     data_dir = os.path.expanduser(data_dir)
     if name == digits_builder.NAME:
         return digits_builder.prepare_digits(data_dir)
+    if name.partition("/")[0] == recordio_builder.NAME:
+        builder = recordio_builder.prepared_builder(name, data_dir)
+        if builder is None:
+            message = recordio_builder.prepare_message(name, data_dir)
+            raise DatasetNotPreparedError(message)
+        return builder
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError as e:

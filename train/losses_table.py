@@ -27,7 +27,16 @@ import jax.numpy as jnp
 
 import margin_jax as mj
 
-__all__ = ["LOSSES", "LossInputs", "LossSpec", "get_loss", "loss_hyperparameters"]
+__all__ = [
+    "HEADS",
+    "LOSSES",
+    "LossInputs",
+    "LossSpec",
+    "Stages",
+    "get_loss",
+    "head_loss",
+    "loss_hyperparameters",
+]
 
 
 class LossInputs(NamedTuple):
@@ -54,54 +63,53 @@ def softmax(inputs, state, *, step, axis_name):
     return mj.softmax_loss(logits, inputs.labels), state
 
 
-def normface(inputs, state, *, step, axis_name, scale=16.0):
-    del step, axis_name
-    return mj.normface_loss(_cos(inputs), inputs.labels, scale=scale), state
+class Stages(NamedTuple):
+    """A margin softmax as its stages (see `margin_jax.margin_softmax_loss`)."""
+
+    target_fn: Callable
+    non_target_fn: Callable | None
+    scale: Any  # scalar or per-example [B]
 
 
-def cosface(inputs, state, *, step, axis_name, scale=16.0, margin=0.35):
-    del step, axis_name
-    loss = mj.cosface_loss(_cos(inputs), inputs.labels, scale=scale, margin=margin)
-    return loss, state
+def normface(embeddings, *, step, scale=16.0):
+    del embeddings, step
+    return Stages(mj.normface_target, None, scale)
+
+
+def cosface(embeddings, *, step, scale=16.0, margin=0.35):
+    del embeddings, step
+    return Stages(functools.partial(mj.cosface_target, margin=margin), None, scale)
 
 
 def arcface(
-    inputs,
-    state,
+    embeddings,
     *,
     step,
-    axis_name,
     scale=16.0,
     margin=0.5,
     easy_margin=False,
     straight_through=False,
 ):
-    del step, axis_name
-    loss = mj.arcface_loss(
-        _cos(inputs),
-        inputs.labels,
-        scale=scale,
-        margin=margin,
-        easy_margin=easy_margin,
-        straight_through=straight_through,
+    del embeddings, step
+    target = functools.partial(
+        mj.arcface_target, margin=margin, easy_margin=easy_margin
     )
-    return loss, state
+    return Stages(
+        mj.straight_through(target) if straight_through else target, None, scale
+    )
 
 
-def combined(inputs, state, *, step, axis_name, scale=16.0, m1=1.0, m2=0.3, m3=0.2):
-    del step, axis_name
-    loss = mj.combined_margin_loss(
-        _cos(inputs), inputs.labels, scale=scale, m1=m1, m2=m2, m3=m3
+def combined(embeddings, *, step, scale=16.0, m1=1.0, m2=0.3, m3=0.2):
+    del embeddings, step
+    return Stages(
+        functools.partial(mj.combined_target, m1=m1, m2=m2, m3=m3), None, scale
     )
-    return loss, state
 
 
 def sphereface(
-    inputs,
-    state,
+    embeddings,
     *,
     step,
-    axis_name,
     margin=4,
     base=1000.0,
     gamma=0.12,
@@ -109,19 +117,61 @@ def sphereface(
     lambda_min=5.0,
     scale=0.0,
 ):
-    """SphereFace with λ annealed from the step; ``scale`` 0 = original form."""
-    del axis_name
+    """SphereFace with λ annealed from the step; ``scale`` 0 = original form
+    (the per-example scale is the feature norm ||x||)."""
     lambda_ = mj.sphereface_lambda(
         step, base=base, gamma=gamma, power=power, lambda_min=lambda_min
     )
-    if scale:
-        norm_kwargs = {"scale": scale}
-    else:
-        norm_kwargs = {"feature_norm": jnp.linalg.norm(inputs.embeddings, axis=-1)}
-    loss = mj.sphereface_loss(
-        _cos(inputs), inputs.labels, margin=margin, lambda_=lambda_, **norm_kwargs
+    target = functools.partial(mj.sphereface_target, margin=margin, lambda_=lambda_)
+    return Stages(target, None, scale or jnp.linalg.norm(embeddings, axis=-1))
+
+
+def sv_softmax(embeddings, *, step, scale=16.0, t=1.2, margin_type="none", margin=0.0):
+    del embeddings, step
+    target = mj.losses.margin_target_fn(margin_type, margin, fn="sv_softmax")
+    return Stages(target, functools.partial(mj.sv_non_target, t=t), scale)
+
+
+def mv_softmax(
+    embeddings,
+    *,
+    step,
+    scale=16.0,
+    t=0.2,
+    margin_type="cosface",
+    margin=0.35,
+    mode="adaptive",
+):
+    del embeddings, step
+    target = mj.losses.margin_target_fn(margin_type, margin, fn="mv_softmax")
+    return Stages(target, functools.partial(mj.mv_non_target, t=t, mode=mode), scale)
+
+
+def eqm(embeddings, *, step, scale=16.0, t1=0.6, t2=0.25):
+    del embeddings, step
+    return Stages(
+        functools.partial(mj.eqm_target, t1=t1),
+        functools.partial(mj.eqm_non_target, t2=t2),
+        scale,
     )
-    return loss, state
+
+
+def _dense_from_stages(stages_fn):
+    """The dense loss of a stage-defined margin softmax (the composer on cos)."""
+
+    def fn(inputs, state, *, step, axis_name, **hyperparameters):
+        del axis_name
+        stages = stages_fn(inputs.embeddings, step=step, **hyperparameters)
+        loss = mj.margin_softmax_loss(
+            _cos(inputs),
+            inputs.labels,
+            target_fn=stages.target_fn,
+            non_target_fn=stages.non_target_fn,
+            scale=stages.scale,
+        )
+        return loss, state
+
+    return fn
 
 
 def adacos(inputs, state, *, step, axis_name):
@@ -161,52 +211,6 @@ def _curricular_state(num_classes: int):
     return mj.init_curricular_state()
 
 
-def sv_softmax(
-    inputs, state, *, step, axis_name, scale=16.0, t=1.2, margin_type="none", margin=0.0
-):
-    del step, axis_name
-    loss = mj.sv_softmax_loss(
-        _cos(inputs),
-        inputs.labels,
-        scale=scale,
-        t=t,
-        margin_type=margin_type,
-        margin=margin,
-    )
-    return loss, state
-
-
-def mv_softmax(
-    inputs,
-    state,
-    *,
-    step,
-    axis_name,
-    scale=16.0,
-    t=0.2,
-    margin_type="cosface",
-    margin=0.35,
-    mode="adaptive",
-):
-    del step, axis_name
-    loss = mj.mv_softmax_loss(
-        _cos(inputs),
-        inputs.labels,
-        scale=scale,
-        t=t,
-        margin_type=margin_type,
-        margin=margin,
-        mode=mode,
-    )
-    return loss, state
-
-
-def eqm(inputs, state, *, step, axis_name, scale=16.0, t1=0.6, t2=0.25):
-    del step, axis_name
-    loss = mj.eqm_loss(_cos(inputs), inputs.labels, scale=scale, t1=t1, t2=t2)
-    return loss, state
-
-
 def focal(inputs, state, *, step, axis_name, scale=16.0, margin=0.0, gamma=2.0):
     """Focal loss on ArcFace margin logits (margin 0: on s·cos)."""
     del step, axis_name
@@ -238,35 +242,45 @@ def hard_mining(
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """A table entry: the loss and the initial value of its state."""
+    """A table entry: the loss and the initial value of its state.
+
+    ``stages`` is set for the margin softmaxes that are one target and one
+    non-target stage: those also run with the chunked and sharded heads.
+    """
 
     fn: Callable[..., tuple[jax.Array, Any]]
     init_state: Callable[[int], Any] = _no_state
+    stages: Callable[..., Stages] | None = None
+
+
+def _margin(stages_fn) -> LossSpec:
+    return LossSpec(_dense_from_stages(stages_fn), stages=stages_fn)
 
 
 LOSSES: Mapping[str, LossSpec] = {
     "softmax": LossSpec(softmax),
-    "normface": LossSpec(normface),
-    "cosface": LossSpec(cosface),
-    "arcface": LossSpec(arcface),
-    "combined": LossSpec(combined),
-    "sphereface": LossSpec(sphereface),
+    "normface": _margin(normface),
+    "cosface": _margin(cosface),
+    "arcface": _margin(arcface),
+    "combined": _margin(combined),
+    "sphereface": _margin(sphereface),
     "adacos": LossSpec(adacos, _adacos_state),
     "adacos_fixed": LossSpec(adacos_fixed),
     "curricularface": LossSpec(curricularface, _curricular_state),
-    "sv_softmax": LossSpec(sv_softmax),
-    "mv_softmax": LossSpec(mv_softmax),
-    "eqm": LossSpec(eqm),
+    "sv_softmax": _margin(sv_softmax),
+    "mv_softmax": _margin(mv_softmax),
+    "eqm": _margin(eqm),
     "focal": LossSpec(focal),
     "hard_mining": LossSpec(hard_mining),
 }
 
-_CALL_ARGS = ("inputs", "state", "step", "axis_name")
+_CALL_ARGS = ("inputs", "state", "step", "axis_name", "embeddings")
 
 
 def loss_hyperparameters(name: str) -> dict[str, Any]:
     """The hyperparameters of loss ``name`` with their defaults."""
-    params = inspect.signature(get_loss(name).fn).parameters
+    spec = get_loss(name)
+    params = inspect.signature(spec.stages or spec.fn).parameters
     return {k: p.default for k, p in params.items() if k not in _CALL_ARGS}
 
 
@@ -297,4 +311,91 @@ def get_loss(name: str, hyperparameters: Mapping[str, Any] | None = None) -> Los
     def fn(inputs, state, *, step, axis_name):
         return spec.fn(inputs, state, step=step, axis_name=axis_name, **bound)
 
-    return dataclasses.replace(spec, fn=fn)
+    stages = None
+    if spec.stages is not None:
+        stages = functools.partial(spec.stages, **bound)
+    return dataclasses.replace(spec, fn=fn, stages=stages)
+
+
+HEADS = ("dense", "chunked", "sharded")
+
+
+def head_loss(
+    spec: LossSpec,
+    head: str,
+    *,
+    chunk_size: int = 8192,
+    partial_fc_rate: float = 1.0,
+    num_classes: int | None = None,
+):
+    """The loss with the classifier head ``head``: dense, chunked or sharded.
+
+    * dense: ``spec.fn`` on the cosine logits [B, C];
+    * chunked: `margin_jax.chunked_margin_loss`, exact, never builds [B, C];
+    * sharded: `margin_jax.sharded_margin_loss`, ``inputs.weights`` is this
+      device's shard of W (classes split over the device axis), optionally with
+      Partial FC sampling at ``partial_fc_rate`` (``inputs.rng`` needed).
+
+    Raises:
+      ValueError: unknown head, or a loss without a stage form (lists them).
+    """
+    if head not in HEADS:
+        raise ValueError(
+            f"Unknown head {head!r}; valid choices for config.head: {', '.join(HEADS)}."
+        )
+    if head == "dense":
+
+        def dense(inputs, state, *, step, axis_name, rng=None):
+            del rng
+            return spec.fn(inputs, state, step=step, axis_name=axis_name)
+
+        return dense
+    if spec.stages is None:
+        valid = sorted(k for k, v in LOSSES.items() if v.stages is not None)
+        raise ValueError(
+            f"The {head} head needs a margin softmax given by stages; valid "
+            f"config.loss.name choices with config.head={head!r}: {', '.join(valid)}."
+        )
+
+    def fn(inputs, state, *, step, axis_name, rng=None):
+        stages = spec.stages(inputs.embeddings, step=step)
+        kwargs = dict(
+            target_fn=stages.target_fn,
+            non_target_fn=stages.non_target_fn,
+            scale=stages.scale,
+        )
+        if head == "chunked":
+            loss = mj.chunked_margin_loss(
+                inputs.embeddings,
+                inputs.weights,
+                inputs.labels,
+                chunk_size=chunk_size,
+                **kwargs,
+            )
+            return loss, state
+        weights, labels, extra = inputs.weights, inputs.labels, {}
+        if partial_fc_rate < 1.0:
+            sample = mj.partial_fc_sample(
+                labels,
+                weights.shape[0],
+                rate=partial_fc_rate,
+                key=rng,
+                axis_name=axis_name,
+                total_classes=num_classes,
+            )
+            weights, labels = weights[sample.index], sample.labels
+            extra = {"num_valid": sample.num_valid}
+        else:
+            extra = {"num_classes": num_classes}
+        loss = mj.sharded_margin_loss(
+            inputs.embeddings,
+            weights,
+            labels,
+            axis_name=axis_name,
+            chunk_size=min(chunk_size, weights.shape[0]),
+            **extra,
+            **kwargs,
+        )
+        return loss, state
+
+    return fn

@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-MODELS = ("small_cnn",)
+from train import iresnet
+
+MODELS = ("small_cnn", *iresnet.ARCHS)
 
 
 class SmallCNN(nnx.Module):
@@ -93,13 +95,27 @@ class EmbeddingModel(nnx.Module):
 
 def create_model(
     config, image_shape, num_classes: int, *, axis_name=None, seed: int = 0
-) -> EmbeddingModel:
+) -> EmbeddingModel | iresnet.IResNetModel:
     """The model named by ``config.model`` (see `MODELS`)."""
     if config.model not in MODELS:
         raise ValueError(
             f"Unknown model {config.model!r}; valid choices for config.model: "
             f"{', '.join(MODELS)}."
         )
+    if config.model in iresnet.ARCHS:
+        rngs = nnx.Rngs(seed)
+        backbone = iresnet.create_iresnet(
+            config.model,
+            image_shape,
+            width_multiplier=config.get("width_multiplier", 1.0),
+            embedding_dim=config.embedding_dim,
+            dropout=config.get("dropout", 0.0),
+            compute_dtype=config.get("compute_dtype", "float32"),
+            axis_name=axis_name,
+            rngs=rngs,
+        )
+        head = MarginHead(num_classes, config.embedding_dim, rngs=rngs)
+        return iresnet.IResNetModel(backbone, head)
     return EmbeddingModel(
         tuple(image_shape),
         num_classes,

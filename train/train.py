@@ -48,8 +48,7 @@ class TrainState(NamedTuple):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast on a bad choice, with the list of valid ones."""
-    loss = dict(config.loss)
-    losses_table.get_loss(loss.pop("name"), loss)
+    make_loss_fn(config)
     for key, valid in (
         ("optimizer", OPTIMIZERS),
         ("sampler", input_pipeline.SAMPLERS),
@@ -60,6 +59,76 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"Unknown {key} {config[key]!r}; valid choices for config.{key}: "
                 f"{', '.join(valid)}."
             )
+
+
+def make_loss_fn(config, num_classes: int | None = None):
+    """The configured loss with the configured classifier head (`config.head`)."""
+    hyper = {k: v for k, v in config.loss.items() if k != "name"}
+    spec = losses_table.get_loss(config.loss.name, hyper)
+    return losses_table.head_loss(
+        spec,
+        config.get("head", "dense"),
+        chunk_size=config.get("head_chunk_size", 8192),
+        partial_fc_rate=config.get("partial_fc_rate", 1.0),
+        num_classes=num_classes,
+    )
+
+
+def _is_head_weight(path) -> bool:
+    """True for the classifier head's W (and its optimiser slots) in a state."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return any(
+        a == "head" and b == "weight" for a, b in zip(names, names[1:], strict=False)
+    )
+
+
+def _map_head(fn, tree, other=lambda x: x):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: fn(x) if _is_head_weight(path) else other(x), tree
+    )
+
+
+def top1_predictions(
+    embeddings, weights, *, chunk_size=8192, axis_name=None, num_classes=None
+):
+    """argmax_j cos(x_i, w_j) [B] in class blocks (never the whole [B, C]).
+
+    With ``axis_name`` (sharded head), ``weights`` is this device's shard and
+    the winner is taken over all devices for the whole (all-gathered) batch:
+    the result is [B_global], labels are global, and rows with a global index
+    >= ``num_classes`` (padding of the last shards) never win.
+    """
+    x = mj.l2_normalize(embeddings)
+    if axis_name is not None:
+        x = jax.lax.all_gather(x, axis_name, tiled=True)
+    num_rows = weights.shape[0]
+    chunk = min(chunk_size, num_rows)
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_rows
+    limit = offset + num_rows if num_classes is None else num_classes
+
+    def body(k, carry):
+        best, arg = carry
+        start = jnp.minimum(k * chunk, num_rows - chunk)
+        block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
+        cos = x @ mj.l2_normalize(block).T
+        rows = offset + start + jnp.arange(chunk)
+        cos = jnp.where(rows < limit, cos, -jnp.inf)
+        block_best = jnp.max(cos, axis=-1)
+        better = block_best > best
+        return (
+            jnp.where(better, block_best, best),
+            jnp.where(better, start + jnp.argmax(cos, axis=-1), arg),
+        )
+
+    init = (jnp.full(x.shape[:1], -jnp.inf, x.dtype), jnp.zeros(x.shape[:1], jnp.int32))
+    best, arg = jax.lax.fori_loop(0, -(-num_rows // chunk), body, init)
+    if axis_name is None:
+        return arg
+    arg = arg + offset
+    bests = jax.lax.all_gather(best, axis_name)
+    args = jax.lax.all_gather(arg, axis_name)
+    winner = jnp.argmax(bests, axis=0)
+    return jnp.take_along_axis(args, winner[None], axis=0)[0]
 
 
 def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -89,17 +158,27 @@ def train_step(
     tx: optax.GradientTransformation,
     loss_fn,
     axis_name: str | None,
+    head: str = "dense",
+    num_classes: int | None = None,
 ) -> tuple[TrainState, dict]:
-    """One optimiser step on this device's shard; collectives over axis_name."""
+    """One optimiser step on this device's shard; collectives over axis_name.
+
+    With the sharded head, W is this device's class shard: the objective is
+    this device's share of the global mean (sum / global batch), the backbone's
+    gradients are summed over devices and W's stay on their own device.
+    """
     images, labels = batch["image"], batch["label"]
     chex.assert_rank(images, 4)
     chex.assert_rank(labels, 1)
     chex.assert_equal_shape_prefix([images, labels], 1)
     chex.assert_type(labels, jnp.int32)
-    rng, _ = jax.random.split(state.rng)
+    rng, step_rng = jax.random.split(state.rng)
     pmean = functools.partial(jax.lax.pmean, axis_name=axis_name)
+    psum = functools.partial(jax.lax.psum, axis_name=axis_name)
     if axis_name is None:
-        pmean = lambda x: x  # noqa: E731
+        pmean = psum = lambda x: x  # noqa: E731
+    sharded = head == "sharded"
+    devices = jax.lax.axis_size(axis_name) if axis_name is not None else 1
 
     def objective(params, batch_stats):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -109,22 +188,44 @@ def train_step(
         chex.assert_equal_shape_prefix([embeddings, labels], 1)
         inputs = losses_table.LossInputs(embeddings, weights, labels)
         per_example, loss_state = loss_fn(
-            inputs, state.loss_state, step=state.step, axis_name=axis_name
+            inputs,
+            state.loss_state,
+            step=state.step,
+            axis_name=axis_name,
+            rng=step_rng,
         )
         chex.assert_shape(per_example, labels.shape)
-        cos = mj.cosine_logits(
-            jax.lax.stop_gradient(embeddings), jax.lax.stop_gradient(weights)
+        predictions = top1_predictions(
+            jax.lax.stop_gradient(embeddings),
+            jax.lax.stop_gradient(weights),
+            axis_name=axis_name if sharded else None,
+            num_classes=num_classes,
         )
-        accuracy = jnp.mean(jnp.argmax(cos, axis=-1) == labels)
+        if sharded:  # predictions of the global batch; keep this device's rows
+            predictions = jax.lax.dynamic_slice_in_dim(
+                predictions,
+                jax.lax.axis_index(axis_name) * labels.shape[0],
+                labels.shape[0],
+            )
+        accuracy = jnp.mean(predictions == labels)
         aux = (nnx.state(model, nnx.BatchStat), loss_state, accuracy)
+        if sharded:
+            objective_value = jnp.sum(per_example) / (labels.shape[0] * devices)
+            return objective_value, aux
         return jnp.mean(per_example), aux
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     (loss, (batch_stats, loss_state, accuracy)), grads = grad_fn(
         state.params, state.batch_stats
     )
-    # Equal shards per device, so the mean of the shard means is the global mean.
-    grads = pmean(grads)
+    if sharded:
+        # The all-gathers inside the sharded loss already sent every device's
+        # share of dL/dx back: sum the backbone's parts; W's shard is local.
+        grads = _map_head(lambda g: g, grads, psum)
+        loss = psum(loss)
+    else:
+        # Equal shards per device: the mean of the shard means is the global mean.
+        grads = pmean(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(
@@ -150,16 +251,30 @@ def train_step(
     return new_state, metrics
 
 
-def make_p_train_step(graphdef, tx, loss_fn, devices=None):
+def make_p_train_step(
+    graphdef, tx, loss_fn, devices=None, head="dense", num_classes=None
+):
     """The train step pmapped over ``devices`` (default: all local devices)."""
     step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, axis_name=AXIS_NAME
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        loss_fn=loss_fn,
+        axis_name=AXIS_NAME,
+        head=head,
+        num_classes=num_classes,
     )
     return jax.pmap(step, axis_name=AXIS_NAME, devices=devices, donate_argnums=(0,))
 
 
-def create_train_state(config, image_shape, num_classes, tx):
-    """(train graphdef, eval graphdef, initial unreplicated TrainState)."""
+def create_train_state(config, image_shape, num_classes, tx, *, num_shards=None):
+    """(train graphdef, eval graphdef, initial TrainState in host layout).
+
+    With ``num_shards`` (the sharded head), W [C, D] is initialised exactly as
+    for the dense head, padded to ``num_shards · ⌈C / num_shards⌉`` rows and split
+    by class: the head's leaves (W and its optimiser slots) then carry a leading
+    device axis [num_shards, C_d, D]; everything else is one copy.
+    """
     model = models.create_model(
         config, image_shape, num_classes, axis_name=AXIS_NAME, seed=config.seed
     )
@@ -167,6 +282,16 @@ def create_train_state(config, image_shape, num_classes, tx):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.eval()
     eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    shards = None
+    if num_shards:
+        rows = -(-num_classes // num_shards)
+
+        def split(w):
+            padded = jnp.zeros((num_shards * rows, w.shape[1]), w.dtype)
+            return padded.at[:num_classes].set(w).reshape(num_shards, rows, -1)
+
+        shards = _map_head(split, params)
+        params = _map_head(lambda w: w[0], shards)  # one shard's shape for tx.init
     loss_spec = losses_table.get_loss(config.loss.name)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -176,7 +301,35 @@ def create_train_state(config, image_shape, num_classes, tx):
         loss_state=loss_spec.init_state(num_classes),
         rng=jax.random.PRNGKey(config.seed),
     )
+    if num_shards:
+        stack = lambda x: jnp.broadcast_to(x, (num_shards, *x.shape))  # noqa: E731
+        state = state._replace(
+            params=shards, opt_state=_map_head(stack, state.opt_state)
+        )
     return graphdef, eval_graphdef, state
+
+
+def to_devices(state, devices, *, sharded=False):
+    """Host layout -> pmap layout: replicate, except a sharded head's leaves."""
+    n = len(devices)
+    rep = lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x)))  # noqa: E731
+    if not sharded:
+        return jax.tree.map(rep, state)
+    return _map_head(np.asarray, state, rep)
+
+
+def to_host(p_state, *, sharded=False):
+    """pmap layout -> host layout (what is checkpointed and evaluated)."""
+    if not sharded:
+        return unreplicate(p_state)
+    # The head's shards come to the host as one [devices, C_d, D] array.
+    return _map_head(lambda x: np.asarray(jax.device_get(x)), p_state, lambda x: x[0])
+
+
+def full_head(state, num_classes):
+    """The host-layout state with a sharded W re-joined to [C, D] (for eval)."""
+    params = _map_head(lambda w: w.reshape(-1, w.shape[-1])[:num_classes], state.params)
+    return state._replace(params=params)
 
 
 def replicate(tree, devices):
@@ -268,12 +421,17 @@ def train_and_evaluate(
         images_per_class=config.images_per_class,
     )
     devices = jax.local_devices()
+    head = config.get("head", "dense")
+    sharded = head == "sharded"
     tx, schedule = create_optimizer(config)
     graphdef, eval_graphdef, state = create_train_state(
-        config, train_data.images.shape[1:], config.num_train_classes, tx
+        config,
+        train_data.images.shape[1:],
+        config.num_train_classes,
+        tx,
+        num_shards=len(devices) if sharded else None,
     )
-    hyper = {k: v for k, v in config.loss.items() if k != "name"}
-    loss_fn = losses_table.get_loss(config.loss.name, hyper).fn
+    loss_fn = make_loss_fn(config, num_classes=config.num_train_classes)
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -284,8 +442,10 @@ def train_and_evaluate(
         state = ckpt.restore(state)
     start = int(state.step)
     writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
-    p_step = make_p_train_step(graphdef, tx, loss_fn, devices)
-    p_state = replicate(state, devices)
+    p_step = make_p_train_step(
+        graphdef, tx, loss_fn, devices, head=head, num_classes=config.num_train_classes
+    )
+    p_state = to_devices(state, devices, sharded=sharded)
 
     end = config.num_train_steps if max_steps is None else max_steps
     bar = _progress(config.num_train_steps, start, config.progress_bar)
@@ -309,7 +469,7 @@ def train_and_evaluate(
                 )
             ckpt.save(
                 done,
-                unreplicate(p_state),
+                to_host(p_state, sharded=sharded),
                 force=done == config.num_train_steps,
             )
             bar.update(1)
@@ -332,7 +492,9 @@ def train_and_evaluate(
         ckpt.close()
     if end < config.num_train_steps:
         return {}
-    state = unreplicate(p_state)
+    state = to_host(p_state, sharded=sharded)
+    if sharded:
+        state = full_head(state, config.num_train_classes)
     results = evaluation.evaluate_open_set(
         eval_graphdef, state.params, state.batch_stats, held_out, config
     )

@@ -28,6 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
     # hyperparameters (scale 16 rather than 64: 7 classes, not 85k).
     config.loss = ml_collections.ConfigDict({"name": "arcface", "scale": 16.0})
     config.loss.margin = 0.5
+    # Classifier head: "dense" logits [B, C]; "chunked" (exact, class blocks of
+    # head_chunk_size, never [B, C]); "sharded" (W split by class over the
+    # devices, with Partial FC sampling when partial_fc_rate < 1).
+    config.head = "dense"
+    config.head_chunk_size = 8192
+    config.partial_fc_rate = 1.0
     # Optimiser: warm-up then cosine decay.
     config.optimizer = "sgd"  # or "adamw"
     config.learning_rate = 0.1
