@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from margin_jax import _checks
-from margin_jax.cosine import clip_cosine, l2_normalize
+from margin_jax.cosine import clip_cosine, l2_normalize, normalize_rows_fast
 
 __all__ = [
     "chunked_margin_loss",
@@ -48,7 +48,7 @@ def _gap_fn(non_target_fn):
     """(x̂ [B, D], W block [n, D], f [B], s [B]) -> gaps s·(g(c, f) - f) [B, n]."""
 
     def gaps(x_hat, w_block, target, scale):
-        cos = clip_cosine(x_hat @ l2_normalize(w_block).T)
+        cos = clip_cosine(x_hat @ normalize_rows_fast(w_block).T)
         z = cos if non_target_fn is None else non_target_fn(cos, target[:, None])
         return scale[:, None] * (z - target[:, None])
 
@@ -252,7 +252,7 @@ def _scale_vector(scale, batch, dtype, fn):
 
 def _target_logits(x_hat, target_rows, target_fn):
     """f(c_y) [B] from the gathered target rows W[y] [B, D]."""
-    c_y = clip_cosine(jnp.sum(x_hat * l2_normalize(target_rows), axis=-1))
+    c_y = clip_cosine(jnp.sum(x_hat * normalize_rows_fast(target_rows), axis=-1))
     return target_fn(c_y)
 
 
@@ -419,7 +419,7 @@ def sharded_margin_loss(
     local = labels_all - offset
     owned = (local >= 0) & (local < shard_rows)
     rows = jnp.take(weights_shard, jnp.clip(local, 0, shard_rows - 1), axis=0)
-    part = jnp.where(owned, jnp.sum(x_all * l2_normalize(rows), axis=-1), 0.0)
+    part = jnp.where(owned, jnp.sum(x_all * normalize_rows_fast(rows), axis=-1), 0.0)
     c_y = clip_cosine(jnp.sum(jax.lax.all_gather(part, axis_name), axis=0))
     target = target_fn(c_y)
 
