@@ -75,7 +75,7 @@ def normalize_rows_fast(x: jax.Array, *, eps: float = 1e-12) -> jax.Array:
 
     For class centres W [C, D], the largest array a margin loss touches: the
     robust `l2_normalize` costs a branch that blocks XLA's fusion (about 20% of
-    the whole step at C = 100k on CPU). Exact for row norms between about 1e-18
+    the whole step at C = 100k on CPU). Exact for row norms between 1e-12
     and 1e18 in float32 (below eps = 1e-12 a row is divided by eps, as torch
     does; above, ||w||² overflows).
     """
