@@ -7,7 +7,11 @@ next to, on the same shapes and in the same run:
 * plain softmax CE on x @ W.T (optax.softmax_cross_entropy_with_integer_labels),
 * the bare matmul floor: forward x @ W.T and its two backward matmuls,
 * pytorch-metric-learning's loss of the same name, where one exists and torch is
-  installed (``pip install margin-jax[benchmark]``), on the same data.
+  installed (``pip install margin-jax[benchmark]``), on the same data;
+
+and, separately, the loss stages alone (value and gradient w.r.t. a given cos
+[B, C], no matmul, no normalisation) next to optax's softmax CE on logits of the
+same shape.
 
 Ratios, not absolute times, are the result: these machines are noisy.
 
@@ -92,6 +96,19 @@ def _jax_step(loss_fn):
     return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
 
 
+def _loss_only_step(loss_fn):
+    """The loss stages alone: value and gradient w.r.t. a given cos [B, C]."""
+    return jax.jit(jax.value_and_grad(lambda c, y: jnp.mean(loss_fn(c, y))))
+
+
+def _ce_only_step():
+    return jax.jit(
+        jax.value_and_grad(
+            lambda z, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
+        )
+    )
+
+
 def _softmax_ce_step():
     def total(x, w, y):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w.T, y))
@@ -151,8 +168,9 @@ def _time_torch(torch, loss, x, w, y, repeats: int) -> float:
 def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> str:
     rows = []
     header = (
-        "| loss | C | ms | × softmax CE | × matmul floor | PML ms | × PML |\n"
-        "|---|---:|---:|---:|---:|---:|---:|"
+        "| loss | C | fwd+bwd ms | × softmax CE | × matmul floor | PML ms | × PML "
+        "| loss stages ms | × CE on logits |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for num_classes in classes:
         rng = np.random.default_rng(0)
@@ -164,25 +182,29 @@ def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> st
         print(f"C={num_classes}: baselines", file=sys.stderr, flush=True)
         floor = _time(_matmul_floor(), xj, wj, gj, repeats=repeats)
         ce = _time(_softmax_ce_step(), xj, wj, yj, repeats=repeats)
+        cos = jnp.clip(jnp.asarray(g) * 0.3, -1.0, 1.0)
+        ce_only = _time(_ce_only_step(), 64.0 * cos, yj, repeats=repeats)
         rows.append(
             f"| bare matmul fwd+bwd | {num_classes} | {floor:.1f} | "
-            f"{floor / ce:.2f} | 1.00 | | |"
+            f"{floor / ce:.2f} | 1.00 | | | | |"
         )
         rows.append(
             f"| softmax CE on x·Wᵀ | {num_classes} | {ce:.1f} | 1.00 | "
-            f"{ce / floor:.2f} | | |"
+            f"{ce / floor:.2f} | | | {ce_only:.1f} | 1.00 |"
         )
         torch, pml_table = _pml_losses(num_classes, dim) if pml else (None, {})
         for name, loss_fn in _losses(num_classes).items():
             print(f"C={num_classes}: {name}", file=sys.stderr, flush=True)
             ms = _time(_jax_step(loss_fn), xj, wj, yj, repeats=repeats)
+            stage_ms = _time(_loss_only_step(loss_fn), cos, yj, repeats=repeats)
             pml_ms, ratio = "", ""
             if name in pml_table:
                 t = _time_torch(torch, pml_table[name](), x, w, y, repeats)
                 pml_ms, ratio = f"{t:.1f}", f"{ms / t:.2f}"
             rows.append(
                 f"| {name} | {num_classes} | {ms:.1f} | {ms / ce:.2f} | "
-                f"{ms / floor:.2f} | {pml_ms} | {ratio} |"
+                f"{ms / floor:.2f} | {pml_ms} | {ratio} | {stage_ms:.1f} | "
+                f"{stage_ms / ce_only:.2f} |"
             )
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}, "
