@@ -53,6 +53,7 @@ from margin_jax.margins import straight_through as straight_through
 from margin_jax.masks import curricular_non_target as curricular_non_target
 from margin_jax.masks import eqm_non_target as eqm_non_target
 from margin_jax.masks import focal_weight as focal_weight
+from margin_jax.masks import focal_weight_from_ce as focal_weight_from_ce
 from margin_jax.masks import hard_mining_mask as hard_mining_mask
 from margin_jax.masks import mv_non_target as mv_non_target
 from margin_jax.masks import support_vector_mask as support_vector_mask

@@ -37,7 +37,7 @@ from margin_jax.masks import (
     MV_MODES,
     curricular_non_target,
     eqm_non_target,
-    focal_weight,
+    focal_weight_from_ce,
     hard_mining_mask,
     mv_non_target,
     sv_non_target,
@@ -425,7 +425,8 @@ def focal_loss(
 ) -> jax.Array:
     """Focal loss, softmax form: ℓ = -(1 - p_y)^γ·log p_y.
 
-    The composition `focal_weight` × `softmax_loss`; ``logits`` may be margin
+    The composition `focal_weight` × `softmax_loss` (the weight is taken from
+    the CE itself, p_y = exp(-CE), so it costs no second pass over [B, C]); ``logits`` may be margin
     logits (`margin_logits`), which gives the naive mining-margin softmax.
 
     Example:
@@ -439,10 +440,8 @@ def focal_loss(
       https://arxiv.org/abs/1708.02002
     """
     ce = softmax_loss(logits, labels, where=where)
-    logits = jnp.asarray(logits).astype(ce.dtype)
-    if where is not None:
-        logits = jnp.where(jnp.asarray(where)[:, None], logits, 0.0)
-    return focal_weight(logits, labels, gamma=gamma) * ce
+    # p_y = exp(-ce): the weight needs no second pass over the logits.
+    return focal_weight_from_ce(ce, gamma=gamma) * ce
 
 
 def hard_mining_loss(

@@ -27,6 +27,7 @@ __all__ = [
     "curricular_non_target",
     "eqm_non_target",
     "focal_weight",
+    "focal_weight_from_ce",
     "hard_mining_mask",
 ]
 
@@ -185,8 +186,17 @@ def focal_weight(
     logits = jnp.asarray(logits)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     log_py = jnp.take_along_axis(log_p, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
-    one_minus_p = jnp.maximum(-jnp.expm1(log_py), 0.0)
-    return _safe_pow(one_minus_p, jnp.asarray(gamma, logits.dtype))
+    return focal_weight_from_ce(-log_py, gamma=gamma)
+
+
+def focal_weight_from_ce(ce: ArrayLike, *, gamma: ArrayLike = 2.0) -> jax.Array:
+    """(1 - p_y)^γ from the cross-entropy ce = -log p_y [B]: no second pass.
+
+    1 - p_y = -expm1(-ce), accurate when p_y is near 1.
+    """
+    ce = jnp.asarray(ce)
+    one_minus_p = jnp.maximum(-jnp.expm1(-ce), 0.0)
+    return _safe_pow(one_minus_p, jnp.asarray(gamma, ce.dtype))
 
 
 def hard_mining_mask(
