@@ -426,8 +426,9 @@ def focal_loss(
     """Focal loss, softmax form: ℓ = -(1 - p_y)^γ·log p_y.
 
     The composition `focal_weight` × `softmax_loss` (the weight is taken from
-    the CE itself, p_y = exp(-CE), so it costs no second pass over [B, C]); ``logits`` may be margin
-    logits (`margin_logits`), which gives the naive mining-margin softmax.
+    the CE itself, p_y = exp(-CE), so it costs no second pass over [B, C]);
+    ``logits`` may be margin logits (`margin_logits`), which gives the naive
+    mining-margin softmax.
 
     Example:
       >>> import jax.numpy as jnp

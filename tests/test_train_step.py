@@ -68,8 +68,9 @@ def test_every_loss_runs_and_keeps_its_state_shape(name):
         rng.normal(size=(6, 4)).astype(np.float32),
         rng.normal(size=(NUM_CLASSES, 4)).astype(np.float32),
         rng.integers(0, NUM_CLASSES, 6).astype(np.int32),
+        rng.normal(size=(6, NUM_CLASSES)).astype(np.float32),  # two-head logits
     )
-    state = spec.init_state(NUM_CLASSES)
+    state = spec.init_state(NUM_CLASSES, 4)
     loss, new_state = jax.jit(spec.fn, static_argnames="axis_name")(
         inputs, state, step=np.int32(3), axis_name=None
     )

@@ -6,12 +6,20 @@ Every entry has the same signature,
         -> (per-example loss [B], new state)
 
 so the train step never branches on the loss. ``state`` is the loss's own
-pytree carried in the train state (AdaCos scale, CurricularFace t, ...; an
-empty dict for stateless losses); ``step`` drives schedules (SphereFace λ);
-``axis_name`` is the pmap device axis, passed to every margin_jax function
-that takes batch statistics. Hyperparameters come from ``config.loss`` (every
-key but ``name``) and are checked against the function's signature, so a typo
-fails before training with the list of valid names.
+pytree carried in the train state, never seen by the optimiser (AdaCos scale,
+CurricularFace t, center-loss centres, ...; an empty dict for stateless
+losses), initialised by ``init_state(num_classes, embedding_dim)``; ``step``
+drives schedules (SphereFace λ); ``axis_name`` is the pmap device axis, passed
+to every margin_jax function that takes batch statistics. Hyperparameters come
+from ``config.loss`` (every key but ``name``) and are checked against the
+function's signature, so a typo fails before training with the list of valid
+names.
+
+The step takes the mean of the per-example loss on each device and averages
+the gradients over the devices, right for per-example losses on equal shards.
+A batch statistic over the device axis (the mined triplet loss) is instead
+one value whose per-device gradients must be summed: `_device_sum_gradient`
+makes it fit the same step.
 """
 
 from __future__ import annotations
@@ -40,20 +48,41 @@ __all__ = [
 
 
 class LossInputs(NamedTuple):
-    """What the model gives a loss: embeddings [B, D], class weights W [C, D]."""
+    """What the model gives a loss: embeddings [B, D], class weights W [C, D].
+
+    ``logits`` [B, C] is the classifier head of a two-head model
+    (`train.models.TwoHeadModel`; None otherwise); its ``weights`` are then the
+    classifier's [C, F] and the embeddings are the ranking head's.
+    """
 
     embeddings: jax.Array
     weights: jax.Array
     labels: jax.Array
+    logits: jax.Array | None = None
 
 
 def _cos(inputs: LossInputs) -> jax.Array:
     return mj.cosine_logits(inputs.embeddings, inputs.weights)
 
 
-def _no_state(num_classes: int) -> dict:
-    del num_classes
+def _no_state(num_classes: int, dim: int) -> dict:
+    del num_classes, dim
     return {}
+
+
+def _device_sum_gradient(value: jax.Array, axis_name) -> jax.Array:
+    """``value`` unchanged, its gradient times the number of devices.
+
+    A margin_jax batch statistic over ``axis_name`` (triplet, two-head) is the
+    global value on every device, and each device's gradient is already the
+    global loss's gradient for its own rows (``all_gather``'s transpose adds
+    the other devices' terms): the parameters' gradient is the *sum* over
+    devices. The step averages (pmean) instead, so scale by the device count.
+    """
+    if axis_name is None:
+        return value
+    n = jax.lax.psum(1, axis_name)
+    return n * value - jax.lax.stop_gradient((n - 1) * value)
 
 
 def softmax(inputs, state, *, step, axis_name):
@@ -184,7 +213,8 @@ def adacos(inputs, state, *, step, axis_name):
     return mj.adacos_loss(cos, inputs.labels, scale=scale), {"scale": scale}
 
 
-def _adacos_state(num_classes: int) -> dict:
+def _adacos_state(num_classes: int, dim: int) -> dict:
+    del dim
     return {"scale": mj.adacos_fixed_scale(max(num_classes, 3))}
 
 
@@ -206,8 +236,8 @@ def curricularface(inputs, state, *, step, axis_name, scale=16.0, margin=0.5):
     )
 
 
-def _curricular_state(num_classes: int):
-    del num_classes
+def _curricular_state(num_classes: int, dim: int):
+    del num_classes, dim
     return mj.init_curricular_state()
 
 
@@ -240,17 +270,95 @@ def hard_mining(
     return loss, state
 
 
+def _classifier_loss(inputs, classifier, scale):
+    if classifier == "softmax":
+        logits = inputs.embeddings @ inputs.weights.T
+        return mj.softmax_loss(logits, inputs.labels)
+    if classifier == "normface":
+        return mj.normface_loss(_cos(inputs), inputs.labels, scale=scale)
+    raise ValueError(f"Unknown classifier {classifier!r}: softmax or normface.")
+
+
+def center_softmax(
+    inputs,
+    state,
+    *,
+    step,
+    axis_name,
+    lambda_=0.003,
+    alpha=0.5,
+    classifier="softmax",
+    scale=16.0,
+):
+    """Softmax (or NormFace) CE + λ·center loss (Wen et al. 2016).
+
+    The centres are the loss state: the loss uses this step's centres, then
+    they move by the rule of the paper over the global batch (``axis_name``),
+    without gradient and outside the optimiser.
+    """
+    del step
+    loss = _classifier_loss(inputs, classifier, scale) + lambda_ * mj.center_loss(
+        inputs.embeddings, inputs.labels, state
+    )
+    new_state = mj.update_centers(
+        state, inputs.embeddings, inputs.labels, alpha=alpha, axis_name=axis_name
+    )
+    return loss, new_state
+
+
+def _center_state(num_classes: int, dim: int) -> mj.CenterState:
+    return mj.init_centers(num_classes, dim)
+
+
+def softmax_triplet(
+    inputs,
+    state,
+    *,
+    step,
+    axis_name,
+    lambda_=1.0,
+    margin=0.2,
+    mining="semi_hard",
+    metric="squared_l2",
+):
+    """Two-head regulariser (Taha et al. 2020): CE(logits) + λ·triplet(x̂).
+
+    `margin_jax.two_head_loss` over the global batch; a scalar, given to the
+    step as a constant [B] (its mean) with the device-sum gradient.
+    """
+    del step
+    loss = mj.two_head_loss(
+        inputs.logits,
+        inputs.embeddings,
+        inputs.labels,
+        lambda_=lambda_,
+        margin=margin,
+        mining=mining,
+        metric=metric,
+        axis_name=axis_name,
+    )
+    loss = _device_sum_gradient(loss, axis_name)
+    return jnp.broadcast_to(loss, inputs.labels.shape), state
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """A table entry: the loss and the initial value of its state.
 
     ``stages`` is set for the margin softmaxes that are one target and one
     non-target stage: those also run with the chunked and sharded heads.
+    ``two_head``: the loss reads ``LossInputs.logits`` (a two-head model,
+    `train.models.TWO_HEAD_MODELS`, dense head). ``sampler``: the batch
+    sampler the loss needs (None: any). ``choices``: the valid values of the
+    string hyperparameters, checked by `get_loss`.
     """
 
     fn: Callable[..., tuple[jax.Array, Any]]
-    init_state: Callable[[int], Any] = _no_state
+    init_state: Callable[[int, int], Any] = _no_state
     stages: Callable[..., Stages] | None = None
+    two_head: bool = False
+    sampler: str | None = None
+    choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _margin(stages_fn) -> LossSpec:
@@ -272,6 +380,17 @@ LOSSES: Mapping[str, LossSpec] = {
     "eqm": _margin(eqm),
     "focal": LossSpec(focal),
     "hard_mining": LossSpec(hard_mining),
+    "center_softmax": LossSpec(
+        center_softmax,
+        _center_state,
+        choices={"classifier": ("softmax", "normface")},
+    ),
+    "softmax_triplet": LossSpec(
+        softmax_triplet,
+        two_head=True,
+        sampler="pk",
+        choices={"mining": mj.pairs.MININGS, "metric": mj.pairs.METRICS},
+    ),
 }
 
 _CALL_ARGS = ("inputs", "state", "step", "axis_name", "embeddings")
@@ -306,6 +425,12 @@ def get_loss(name: str, hyperparameters: Mapping[str, Any] | None = None) -> Los
             f"Unknown hyperparameter(s) {unknown} for loss {name!r}; valid: "
             f"{', '.join(valid) or '(none)'}."
         )
+    for key, options in spec.choices.items():
+        if key in hyperparameters and hyperparameters[key] not in options:
+            raise ValueError(
+                f"Unknown {key} {hyperparameters[key]!r} for loss {name!r}; valid "
+                f"choices for config.loss.{key}: {', '.join(options)}."
+            )
     bound = dict(hyperparameters)
 
     def fn(inputs, state, *, step, axis_name):

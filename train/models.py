@@ -3,16 +3,23 @@
 The training code uses them functionally: ``nnx.split`` once into a graph
 definition and the (params, batch_stats) state pytrees; the pure train step
 calls ``nnx.merge`` inside and returns the new state (see `train.train`).
+
+Every model maps images to the embeddings that are evaluated (``model(x)``);
+`embed_and_classify` also gives the classifier logits of the two-head models
+(Taha et al.), from the same forward pass.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+import margin_jax as mj
 from train import iresnet
 
-MODELS = ("small_cnn", *iresnet.ARCHS)
+TWO_HEAD_MODELS = ("small_cnn_two_head",)
+MODELS = ("small_cnn", *TWO_HEAD_MODELS, *iresnet.ARCHS)
 
 
 class SmallCNN(nnx.Module):
@@ -93,9 +100,71 @@ class EmbeddingModel(nnx.Module):
         return self.embed(self.backbone(images))
 
 
+class ClassifierHead(nnx.Module):
+    """GAP -> FC(C) with bias: logits [B, C] from feature maps [B, H, W, F]."""
+
+    def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
+        # W is [C, F] like MarginHead's, so fan-in is the last axis.
+        init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        self.weight = nnx.Param(init(rngs.params(), (num_classes, in_features)))
+        self.bias = nnx.Param(jnp.zeros((num_classes,)))
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        pooled = jnp.mean(features, axis=(1, 2))
+        return pooled @ self.weight[...].T + self.bias[...]
+
+
+class TwoHeadModel(nnx.Module):
+    """SmallCNN with a classifier head and an embedding head (Taha et al. 2020).
+
+    Classifier: GAP -> FC(C) (``head``). Embedding: flatten -> FC(D) ->
+    L2-normalise (``embed``), the head a triplet loss ranks and the one that
+    is evaluated: ``model(images)`` is the normalised embedding [B, D].
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        width: int = 32,
+        embedding_dim: int = 256,
+        axis_name=None,
+        rngs: nnx.Rngs,
+    ):
+        height, width_px, channels = image_shape
+        self.backbone = SmallCNN(channels, width, axis_name=axis_name, rngs=rngs)
+        flat = -(-height // 4) * -(-width_px // 4) * self.backbone.out_channels
+        self.embed = nnx.Linear(flat, embedding_dim, rngs=rngs)
+        self.head = ClassifierHead(self.backbone.out_channels, num_classes, rngs=rngs)
+
+    def embed_and_classify(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(normalised embeddings [B, D], logits [B, C]), one backbone pass."""
+        features = self.backbone(images)
+        flat = features.reshape(features.shape[0], -1)
+        return mj.l2_normalize(self.embed(flat)), self.head(features)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.embed_and_classify(images)[0]
+
+    def classify(self, images: jax.Array) -> jax.Array:
+        return self.embed_and_classify(images)[1]
+
+
+def embed_and_classify(model, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(embeddings [B, D], classifier logits [B, C] or None) in one forward pass.
+
+    The logits are None for the one-head models, whose classifier is the
+    margin head ``model.head.weight`` applied by the loss.
+    """
+    if isinstance(model, TwoHeadModel):
+        return model.embed_and_classify(images)
+    return model(images), None
+
+
 def create_model(
     config, image_shape, num_classes: int, *, axis_name=None, seed: int = 0
-) -> EmbeddingModel | iresnet.IResNetModel:
+) -> EmbeddingModel | TwoHeadModel | iresnet.IResNetModel:
     """The model named by ``config.model`` (see `MODELS`)."""
     if config.model not in MODELS:
         raise ValueError(
@@ -116,7 +185,8 @@ def create_model(
         )
         head = MarginHead(num_classes, config.embedding_dim, rngs=rngs)
         return iresnet.IResNetModel(backbone, head)
-    return EmbeddingModel(
+    model_cls = TwoHeadModel if config.model in TWO_HEAD_MODELS else EmbeddingModel
+    return model_cls(
         tuple(image_shape),
         num_classes,
         width=config.width,

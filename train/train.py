@@ -59,6 +59,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"Unknown {key} {config[key]!r}; valid choices for config.{key}: "
                 f"{', '.join(valid)}."
             )
+    name = config.loss.name
+    spec = losses_table.get_loss(name)
+    two_head_model = config.model in models.TWO_HEAD_MODELS
+    if spec.two_head != two_head_model:
+        needs = "needs" if spec.two_head else "cannot use"
+        raise ValueError(
+            f"Loss {name!r} {needs} a two-head model (classifier + embedding "
+            f"head); got config.model={config.model!r}. Two-head models: "
+            f"{', '.join(models.TWO_HEAD_MODELS)}; two-head losses: "
+            f"{', '.join(k for k, v in losses_table.LOSSES.items() if v.two_head)}."
+        )
+    if spec.sampler is not None and config.sampler != spec.sampler:
+        raise ValueError(
+            f"Loss {name!r} needs config.sampler={spec.sampler!r} (P classes x K "
+            f"images per batch, see train.input_pipeline.BatchSampler); got "
+            f"{config.sampler!r}."
+        )
+    if spec.sampler == "pk" and config.images_per_class < 2:
+        raise ValueError(
+            f"Loss {name!r} mines pairs within a class: config.images_per_class "
+            f"must be >= 2; got {config.images_per_class}."
+        )
 
 
 def make_loss_fn(config, num_classes: int | None = None):
@@ -182,11 +204,12 @@ def train_step(
 
     def objective(params, batch_stats):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
-        embeddings = model(images)
+        # logits: the classifier head of a two-head model, else None.
+        embeddings, logits = models.embed_and_classify(model, images)
         weights = model.head.weight[...]
         chex.assert_rank(embeddings, 2)
         chex.assert_equal_shape_prefix([embeddings, labels], 1)
-        inputs = losses_table.LossInputs(embeddings, weights, labels)
+        inputs = losses_table.LossInputs(embeddings, weights, labels, logits)
         per_example, loss_state = loss_fn(
             inputs,
             state.loss_state,
@@ -195,12 +218,15 @@ def train_step(
             rng=step_rng,
         )
         chex.assert_shape(per_example, labels.shape)
-        predictions = top1_predictions(
-            jax.lax.stop_gradient(embeddings),
-            jax.lax.stop_gradient(weights),
-            axis_name=axis_name if sharded else None,
-            num_classes=num_classes,
-        )
+        if logits is not None:
+            predictions = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
+        else:
+            predictions = top1_predictions(
+                jax.lax.stop_gradient(embeddings),
+                jax.lax.stop_gradient(weights),
+                axis_name=axis_name if sharded else None,
+                num_classes=num_classes,
+            )
         if sharded:  # predictions of the global batch; keep this device's rows
             predictions = jax.lax.dynamic_slice_in_dim(
                 predictions,
@@ -298,7 +324,7 @@ def create_train_state(config, image_shape, num_classes, tx, *, num_shards=None)
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
-        loss_state=loss_spec.init_state(num_classes),
+        loss_state=loss_spec.init_state(num_classes, config.embedding_dim),
         rng=jax.random.PRNGKey(config.seed),
     )
     if num_shards:
