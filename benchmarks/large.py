@@ -159,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--classes", default="100000,1000000")
-    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--no-dense-at",

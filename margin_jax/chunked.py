@@ -41,7 +41,7 @@ __all__ = [
     "non_target_logsumexp",
 ]
 
-DEFAULT_CHUNK = 8192
+DEFAULT_CHUNK = 2048
 
 
 def _gap_fn(non_target_fn):
@@ -282,7 +282,8 @@ def chunked_margin_loss(
       non_target_fn: optional elementwise non-target stage.
       scale: s, scalar or [B].
       chunk_size: classes per block (static int); C need not be a multiple, and
-        C < chunk_size is one block. Default 8192.
+        C < chunk_size is one block. Default 2048: the loss then needs about
+        16 MiB at B = 256, D = 512 whatever C (1.6% of the dense logits at C = 1M).
       where: optional bool [B]; False rows give 0 and no gradient.
 
     Returns:

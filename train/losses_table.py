@@ -449,7 +449,7 @@ def head_loss(
     spec: LossSpec,
     head: str,
     *,
-    chunk_size: int = 8192,
+    chunk_size: int = 2048,
     partial_fc_rate: float = 1.0,
     num_classes: int | None = None,
 ):

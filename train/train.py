@@ -90,7 +90,7 @@ def make_loss_fn(config, num_classes: int | None = None):
     return losses_table.head_loss(
         spec,
         config.get("head", "dense"),
-        chunk_size=config.get("head_chunk_size", 8192),
+        chunk_size=config.get("head_chunk_size", 2048),
         partial_fc_rate=config.get("partial_fc_rate", 1.0),
         num_classes=num_classes,
     )
@@ -111,7 +111,7 @@ def _map_head(fn, tree, other=lambda x: x):
 
 
 def top1_predictions(
-    embeddings, weights, *, chunk_size=8192, axis_name=None, num_classes=None
+    embeddings, weights, *, chunk_size=2048, axis_name=None, num_classes=None
 ):
     """argmax_j cos(x_i, w_j) [B] in class blocks (never the whole [B, C]).
 

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     # head_chunk_size, never [B, C]); "sharded" (W split by class over the
     # devices, with Partial FC sampling when partial_fc_rate < 1).
     config.head = "dense"
-    config.head_chunk_size = 8192
+    config.head_chunk_size = 2048
     config.partial_fc_rate = 1.0
     # Optimiser: warm-up then cosine decay.
     config.optimizer = "sgd"  # or "adamw"
