@@ -24,24 +24,12 @@ import functools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def _time(fn, *args, repeats):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms_jax  # noqa: E402
 
 
 def _temp_bytes(fn, *args) -> int:
@@ -80,7 +68,7 @@ def _single(kind, batch, dim, num_classes, chunk, repeats):
         raise ValueError(kind)
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     temp = _temp_bytes(step, x, w)
-    return {"ms": _time(step, x, w, repeats=repeats), "temp": temp}
+    return {"ms": median_ms_jax(step, x, w, repeats=repeats), "temp": temp}
 
 
 def _sharded(batch, dim, num_classes, chunk, repeats):
@@ -111,7 +99,11 @@ def _sharded(batch, dim, num_classes, chunk, repeats):
         return loss.sum() / batch
 
     step = jax.pmap(jax.value_and_grad(local, argnums=(0, 1)), axis_name="d")
-    return {"ms": _time(step, x, w, y, repeats=repeats), "temp": -1, "devices": n_dev}
+    return {
+        "ms": median_ms_jax(step, x, w, y, repeats=repeats),
+        "temp": -1,
+        "devices": n_dev,
+    }
 
 
 def _child(args):

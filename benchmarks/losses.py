@@ -25,9 +25,7 @@ import argparse
 import functools
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import median_ms_jax, median_seconds  # noqa: E402
+
 import margin_jax as mj  # noqa: E402
 
 
@@ -76,17 +76,6 @@ def _losses(num_classes: int) -> dict:
         ),
         "hard mining (r=0.9)": lambda c, y: mj.hard_mining_loss(64.0 * c, y),
     }
-
-
-def _time(fn, *args, repeats: int) -> float:
-    """Median wall time in ms of fn(*args), after one compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _jax_step(loss_fn):
@@ -156,13 +145,7 @@ def _time_torch(torch, loss, x, w, y, repeats: int) -> float:
         out.backward()
         return out
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(step, repeats=repeats)
 
 
 def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> str:
@@ -180,10 +163,10 @@ def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> st
         g = rng.normal(size=(batch, num_classes)).astype(np.float32)
         xj, wj, yj, gj = map(jnp.asarray, (x, w, y, g))
         print(f"C={num_classes}: baselines", file=sys.stderr, flush=True)
-        floor = _time(_matmul_floor(), xj, wj, gj, repeats=repeats)
-        ce = _time(_softmax_ce_step(), xj, wj, yj, repeats=repeats)
+        floor = median_ms_jax(_matmul_floor(), xj, wj, gj, repeats=repeats)
+        ce = median_ms_jax(_softmax_ce_step(), xj, wj, yj, repeats=repeats)
         cos = jnp.clip(jnp.asarray(g) * 0.3, -1.0, 1.0)
-        ce_only = _time(_ce_only_step(), 64.0 * cos, yj, repeats=repeats)
+        ce_only = median_ms_jax(_ce_only_step(), 64.0 * cos, yj, repeats=repeats)
         rows.append(
             f"| bare matmul fwd+bwd | {num_classes} | {floor:.1f} | "
             f"{floor / ce:.2f} | 1.00 | | | | |"
@@ -195,8 +178,8 @@ def run(batch: int, dim: int, classes: list[int], repeats: int, pml: bool) -> st
         torch, pml_table = _pml_losses(num_classes, dim) if pml else (None, {})
         for name, loss_fn in _losses(num_classes).items():
             print(f"C={num_classes}: {name}", file=sys.stderr, flush=True)
-            ms = _time(_jax_step(loss_fn), xj, wj, yj, repeats=repeats)
-            stage_ms = _time(_loss_only_step(loss_fn), cos, yj, repeats=repeats)
+            ms = median_ms_jax(_jax_step(loss_fn), xj, wj, yj, repeats=repeats)
+            stage_ms = median_ms_jax(_loss_only_step(loss_fn), cos, yj, repeats=repeats)
             pml_ms, ratio = "", ""
             if name in pml_table:
                 t = _time_torch(torch, pml_table[name](), x, w, y, repeats)

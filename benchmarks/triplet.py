@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -29,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from margin_jax.pairs import triplet_loss  # noqa: E402
 
@@ -42,14 +41,7 @@ def _inputs(batch: int, dim: int, k: int, seed: int):
 
 
 def _median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=repeats, warmup=warmup)
 
 
 def time_jax(x, y, mining: str, margin: float, warmup: int, repeats: int) -> float:
