@@ -122,7 +122,12 @@ class CurricularState(NamedTuple):
 
 
 def init_curricular_state() -> CurricularState:
-    """t = 0, as the CurricularFace reference code starts."""
+    """t = 0, as the CurricularFace reference code starts.
+
+    Example:
+      >>> from margin_jax import init_curricular_state
+      >>> float(init_curricular_state().t)
+      0.0"""
     return CurricularState(t=jnp.zeros((), jnp.float32))
 
 
@@ -142,6 +147,13 @@ def update_curricular_state(
       momentum: 0.99 as CurricularFace.
       where: optional bool [B] of valid rows.
       axis_name: mean over the whole device axis when set.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> state = mj.update_curricular_state(mj.init_curricular_state(), jnp.ones(4))
+      >>> round(float(state.t), 6)
+      0.01
     """
     mean = _checks.masked_mean(_sg(jnp.asarray(target_cos)), where, axis_name)
     t = (1.0 - momentum) * mean + momentum * jnp.asarray(state.t, mean.dtype)

@@ -189,6 +189,15 @@ def non_target_logsumexp(
 
     Returns:
       [B] log-sum-exp of the non-target gaps.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import non_target_logsumexp
+      >>> x = jnp.array([[1.0, 0.0]])
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+      >>> lse = non_target_logsumexp(x, w, jnp.ones(1), jnp.ones(1), jnp.array([0]))
+      >>> round(float(lse[0]), 4)  # log(e^(0-1) + e^(-1-1))
+      -0.6867
     """
     chunk = int(min(chunk_size, weights.shape[0]))
     if num_valid is None:
@@ -387,6 +396,21 @@ def sharded_margin_loss(
 
     Returns:
       [b] per-example loss for this device's rows.
+
+    Example:
+      >>> import functools, jax, jax.numpy as jnp
+      >>> import margin_jax as mj
+      >>> n = jax.local_device_count()
+      >>> x = jax.random.normal(jax.random.key(0), (n, 2, 8))       # [devices, b, D]
+      >>> w = jax.random.normal(jax.random.key(1), (n, 5, 8))       # 5 classes each
+      >>> y = jnp.arange(2 * n).reshape(n, 2) % (5 * n)
+      >>> f = functools.partial(mj.arcface_target, margin=0.5)
+      >>> loss = jax.pmap(lambda x, w, y: mj.sharded_margin_loss(
+      ...     x, w, y, axis_name="d", target_fn=f, scale=64.0), axis_name="d")(x, w, y)
+      >>> dense = mj.arcface_loss(mj.cosine_logits(x.reshape(-1, 8), w.reshape(-1, 8)),
+      ...                         y.reshape(-1))
+      >>> bool(jnp.allclose(loss.reshape(-1), dense, rtol=1e-5))
+      True
     """
     fn = "sharded_margin_loss"
     _validate(fn, embeddings, weights_shard, labels, where, "[C_shard, D]")

@@ -198,6 +198,12 @@ def chebyshev_sin(c: ArrayLike, m: int) -> jax.Array:
 
     sin(mθ) = sin θ · Σ_{n=0}^{⌊(m-1)/2⌋} (-1)^n C(m, 2n+1) c^(m-2n-1) (1 - c²)^n,
     with sin θ from `safe_sin`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import chebyshev_sin
+      >>> round(float(chebyshev_sin(jnp.array(0.0), 2)), 6)  # sin(2·π/2)
+      0.0
     """
     c = _as_float(c)
     s2 = 1.0 - jnp.square(c)

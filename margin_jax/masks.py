@@ -140,6 +140,14 @@ def curricular_non_target(
     ``t`` (the EMA of the mean target cosine, see `margin_jax.curricularface_loss`)
     receives no gradient.
 
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import curricular_non_target
+      >>> cos, target = jnp.array([[0.5, 0.1]]), jnp.array([[0.3]])
+      >>> out = curricular_non_target(cos, target, t=0.2)
+      >>> [round(float(v), 4) for v in out[0]]  # 0.5·(0.2 + 0.5); 0.1 is easy
+      [0.35, 0.1]
+
     References:
       Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep
       Face Recognition", CVPR 2020, https://arxiv.org/abs/2004.00288
@@ -154,6 +162,13 @@ def eqm_non_target(cos: ArrayLike, target: ArrayLike, *, t2: ArrayLike) -> jax.A
 
     ``target`` is unused (the stage does not depend on the target); it is in the
     signature so every non-target stage composes the same way.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import eqm_non_target
+      >>> out = eqm_non_target(jnp.array([[0.5, 0.1]]), None, t2=0.25)
+      >>> [round(float(v), 4) for v in out[0]]
+      [0.25, 0.0]
     """
     del target
     cos = jnp.asarray(cos)
@@ -182,6 +197,12 @@ def focal_weight(
 
     Returns:
       [B] weights in [0, 1].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import focal_weight
+      >>> focal_weight(jnp.zeros((1, 2)), jnp.array([0])).tolist()  # (1 - 1/2)^2
+      [0.25]
     """
     logits = jnp.asarray(logits)
     log_p = jax.nn.log_softmax(logits, axis=-1)
@@ -193,6 +214,12 @@ def focal_weight_from_ce(ce: ArrayLike, *, gamma: ArrayLike = 2.0) -> jax.Array:
     """(1 - p_y)^γ from the cross-entropy ce = -log p_y [B]: no second pass.
 
     1 - p_y = -expm1(-ce), accurate when p_y is near 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import focal_weight_from_ce
+      >>> round(float(focal_weight_from_ce(jnp.log(2.0))), 6)  # p_y = 1/2
+      0.25
     """
     ce = jnp.asarray(ce)
     one_minus_p = jnp.maximum(-jnp.expm1(-ce), 0.0)
