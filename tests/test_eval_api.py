@@ -52,9 +52,6 @@ def test_optional_dependencies_are_imported_lazily():
 
 @pytest.mark.parametrize("module", _MODULES)
 def test_docstring_examples_run(module):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("PIL")
-    pytest.importorskip("matplotlib")
     mod = importlib.import_module(f"margin_jax.eval.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

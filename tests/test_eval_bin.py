@@ -6,11 +6,9 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
 
-pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
-
-from margin_jax.eval import evaluate_bin, load_bin, write_bin  # noqa: E402
+from margin_jax.eval import evaluate_bin, load_bin, write_bin
 
 
 def _images(n=6, h=9, w=7, seed=0):

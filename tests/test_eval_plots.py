@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-
-from margin_jax.eval import plot_roc, plot_score_histogram  # noqa: E402
+from margin_jax.eval import plot_roc, plot_score_histogram
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 
