@@ -256,11 +256,12 @@ def test_sharded_under_shard_map():
 # ---------------------------------------------------------------- Partial FC
 
 
-def _partial_fc_run(x, w_shards, y, rate, key, num_classes, name="cosface"):
+@functools.cache
+def _partial_fc_step(rate, num_classes, batch, name):
+    """The pmapped Partial FC step, compiled once per setting (key is an input)."""
     target_fn, non_target_fn, scale = STAGES[name]
-    batch = x.shape[0]
 
-    def local(x, ws, y):
+    def local(x, ws, y, key):
         sample = mj.partial_fc_sample(
             y, ws.shape[0], rate=rate, key=key, axis_name="d", total_classes=num_classes
         )
@@ -277,8 +278,15 @@ def _partial_fc_run(x, w_shards, y, rate, key, num_classes, name="cosface"):
         return loss.sum() / batch, (loss, sample)
 
     return jax.pmap(
-        jax.value_and_grad(local, argnums=(0, 1), has_aux=True), axis_name="d"
-    )(x.reshape(N_DEV, -1, x.shape[1]), w_shards, y.reshape(N_DEV, -1))
+        jax.value_and_grad(local, argnums=(0, 1), has_aux=True),
+        axis_name="d",
+        in_axes=(0, 0, 0, None),
+    )
+
+
+def _partial_fc_run(x, w_shards, y, rate, key, num_classes, name="cosface"):
+    step = _partial_fc_step(rate, num_classes, x.shape[0], name)
+    return step(x.reshape(N_DEV, -1, x.shape[1]), w_shards, y.reshape(N_DEV, -1), key)
 
 
 def test_partial_fc_rate_one_equals_sharded():
