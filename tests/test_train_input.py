@@ -56,3 +56,12 @@ def test_shard_splits_the_global_batch():
     sharded = input_pipeline.shard(batch, 8)
     assert sharded["image"].shape == (8, 2, 8, 8, 1)
     np.testing.assert_array_equal(sharded["label"].reshape(-1), np.arange(16))
+
+
+def test_process_slices_tile_the_global_batch():
+    indices = np.arange(100, 124)
+    parts = [input_pipeline.process_slice(indices, p, 4) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), indices)
+    assert {len(p) for p in parts} == {6}
+    with pytest.raises(ValueError, match="not divisible by 5 processes"):
+        input_pipeline.process_slice(indices, 0, 5)

@@ -206,6 +206,21 @@ def shard(batch: dict, num_devices: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def process_slice(indices: np.ndarray, process_index: int, process_count: int):
+    """This process's contiguous share of the global batch (multi-host runs).
+
+    Every process computes the same global batch from (seed, step); process p of
+    n reads rows [p·B/n, (p+1)·B/n), which it then shards over its local devices.
+    """
+    if len(indices) % process_count:
+        raise ValueError(
+            f"Global batch {len(indices)} is not divisible by {process_count} "
+            "processes; choose config.batch_size as a multiple of the device count."
+        )
+    size = len(indices) // process_count
+    return indices[process_index * size : (process_index + 1) * size]
+
+
 def get_batch(data: Dataset, indices: np.ndarray) -> dict:
     """The (unsharded) global batch for ``indices``."""
     return {"image": preprocess(data.images[indices]), "label": data.labels[indices]}

@@ -1,6 +1,12 @@
 """Command line: python -m train.main --config train/configs/default.py --workdir DIR.
 
 Any config field can be overridden, e.g. ``--config.loss.margin=0.3``.
+
+Several hosts: start the same command on every host with
+``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` (or
+``--multihost`` on a cluster that jax.distributed detects by itself, e.g.
+SLURM or Cloud TPU); each process then reads its own slice of every global
+batch and pmap's collectives span the devices of all processes.
 """
 
 import importlib.util
@@ -10,6 +16,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and report.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (implied by JAX_COORDINATOR_ADDRESS).",
+)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "train/configs/default.py", "Training configuration file."
 )
@@ -18,6 +29,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif _MULTIHOST.value:
+        jax.distributed.initialize()
     from train import train
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.

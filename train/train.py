@@ -480,7 +480,11 @@ def train_and_evaluate(
     tick, ticked_step = time.perf_counter(), start
     try:
         for step in range(start, end):
-            batch = input_pipeline.get_batch(train_data, sampler(step))
+            # Every process draws the same global batch and reads its own slice.
+            indices = input_pipeline.process_slice(
+                sampler(step), jax.process_index(), jax.process_count()
+            )
+            batch = input_pipeline.get_batch(train_data, indices)
             p_state, p_metrics = p_step(
                 p_state, input_pipeline.shard(batch, len(devices))
             )
