@@ -23,9 +23,22 @@ MODELS = ("small_cnn", *TWO_HEAD_MODELS, *iresnet.ARCHS)
 
 
 class SmallCNN(nnx.Module):
-    """Three 3x3 conv-BN-ReLU blocks (stride 1, 2, 2) for tiny images (8x8)."""
+    """Three 3x3 conv-BN-ReLU blocks (stride 1, 2, 2) for tiny images (8x8).
 
-    def __init__(self, in_channels: int, width: int, *, axis_name, rngs: nnx.Rngs):
+    ``dtype`` is the compute dtype (e.g. bfloat16); parameters stay float32 and
+    the output features are float32, so the heads and the loss run in float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        *,
+        axis_name,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        self.dtype = dtype
         widths = (width, 2 * width, 4 * width)
         self.convs = nnx.List()
         self.norms = nnx.List()
@@ -39,18 +52,22 @@ class SmallCNN(nnx.Module):
                     (3, 3),
                     strides=1 if i == 0 else 2,
                     use_bias=False,
+                    dtype=dtype,
                     rngs=rngs,
                 )
             )
             self.norms.append(
-                nnx.BatchNorm(c_out, momentum=0.9, axis_name=axis_name, rngs=rngs)
+                nnx.BatchNorm(
+                    c_out, momentum=0.9, axis_name=axis_name, dtype=dtype, rngs=rngs
+                )
             )
         self.out_channels = widths[-1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = nnx.relu(norm(conv(x)))
-        return x
+        return x.astype(jnp.float32)
 
 
 class EmbeddingHead(nnx.Module):
@@ -88,9 +105,12 @@ class EmbeddingModel(nnx.Module):
         embedding_dim: int = 64,
         axis_name=None,
         rngs: nnx.Rngs,
+        dtype=jnp.float32,
     ):
         height, width_px, channels = image_shape
-        self.backbone = SmallCNN(channels, width, axis_name=axis_name, rngs=rngs)
+        self.backbone = SmallCNN(
+            channels, width, axis_name=axis_name, rngs=rngs, dtype=dtype
+        )
         # Two stride-2 convolutions with SAME padding: ceil(n / 4).
         flat = -(-height // 4) * -(-width_px // 4) * self.backbone.out_channels
         self.embed = EmbeddingHead(flat, embedding_dim, axis_name=axis_name, rngs=rngs)
@@ -131,9 +151,12 @@ class TwoHeadModel(nnx.Module):
         embedding_dim: int = 256,
         axis_name=None,
         rngs: nnx.Rngs,
+        dtype=jnp.float32,
     ):
         height, width_px, channels = image_shape
-        self.backbone = SmallCNN(channels, width, axis_name=axis_name, rngs=rngs)
+        self.backbone = SmallCNN(
+            channels, width, axis_name=axis_name, rngs=rngs, dtype=dtype
+        )
         flat = -(-height // 4) * -(-width_px // 4) * self.backbone.out_channels
         self.embed = nnx.Linear(flat, embedding_dim, rngs=rngs)
         self.head = ClassifierHead(self.backbone.out_channels, num_classes, rngs=rngs)
@@ -185,6 +208,12 @@ def create_model(
         )
         head = MarginHead(num_classes, config.embedding_dim, rngs=rngs)
         return iresnet.IResNetModel(backbone, head)
+    compute_dtype = config.get("compute_dtype", "float32")
+    if compute_dtype not in iresnet.COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown compute_dtype {compute_dtype!r}; valid choices for "
+            f"config.compute_dtype: {', '.join(iresnet.COMPUTE_DTYPES)}."
+        )
     model_cls = TwoHeadModel if config.model in TWO_HEAD_MODELS else EmbeddingModel
     return model_cls(
         tuple(image_shape),
@@ -193,4 +222,5 @@ def create_model(
         embedding_dim=config.embedding_dim,
         axis_name=axis_name,
         rngs=nnx.Rngs(seed),
+        dtype=iresnet.COMPUTE_DTYPES[compute_dtype],
     )

@@ -351,7 +351,7 @@ def to_host(p_state, *, sharded=False):
     if not sharded:
         return unreplicate(p_state)
     # The head's shards come to the host as one [devices, C_d, D] array.
-    return _map_head(lambda x: np.asarray(jax.device_get(x)), p_state, lambda x: x[0])
+    return _map_head(lambda x: np.asarray(jax.device_get(x)), p_state, _first_replica)
 
 
 def full_head(state, num_classes):
@@ -366,8 +366,22 @@ def replicate(tree, devices):
     return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *x.shape)), tree)
 
 
+def _first_replica(x):
+    """Device 0's copy of a pmapped array, without a multi-device computation.
+
+    ``x[0]`` on an array spread over the devices compiles a gather over all of
+    them; run while the next pmapped step is in flight, such programs can wait
+    on each other's rendezvous and hang XLA:CPU. Reading device 0's buffer
+    involves no other device.
+    """
+    if isinstance(x, jax.Array) and len(x.addressable_shards) > 1:
+        data = x.addressable_shards[0].data
+        return data.reshape(data.shape[1:])
+    return x[0]
+
+
 def unreplicate(tree):
-    return jax.tree.map(lambda x: x[0], tree)
+    return jax.tree.map(_first_replica, tree)
 
 
 class MetricWriter:
@@ -518,17 +532,37 @@ def train_and_evaluate(
                     acc=f"{metrics['accuracy']:.3f}",
                     img_s=f"{metrics['images_per_sec']:.0f}",
                 )
+            every = config.get("eval_every_steps", 0)
+            if every and done % every == 0 and done < config.num_train_steps:
+                results = _evaluate(p_state, eval_graphdef, held_out, config, sharded)
+                scalars = {
+                    f"eval_{k}": v
+                    for k, v in results.items()
+                    if isinstance(v, float) and not k.startswith("_")
+                }
+                scalars["eval_recall_at_1"] = results["recall_at_k"]["recall@1"]
+                writer.write(done, scalars)
+                bar.write(
+                    f"step {done}: held-out verification "
+                    f"{results['verification_accuracy']:.4f}, "
+                    f"Recall@1 {scalars['eval_recall_at_1']:.4f}"
+                )
     finally:
         bar.close()
         writer.close()
         ckpt.close()
     if end < config.num_train_steps:
         return {}
+    results = _evaluate(p_state, eval_graphdef, held_out, config, sharded)
+    report.write_report(workdir, results, config)
+    return results
+
+
+def _evaluate(p_state, eval_graphdef, held_out, config, sharded: bool) -> dict:
+    """Open-set evaluation of the current pmapped state on held-out classes."""
     state = to_host(p_state, sharded=sharded)
     if sharded:
         state = full_head(state, config.num_train_classes)
-    results = evaluation.evaluate_open_set(
+    return evaluation.evaluate_open_set(
         eval_graphdef, state.params, state.batch_stats, held_out, config
     )
-    report.write_report(workdir, results, config)
-    return results
