@@ -63,6 +63,12 @@ class SmallCNN(nnx.Module):
             )
         self.out_channels = widths[-1]
 
+    def flat_features(self, image_shape: tuple[int, int, int]) -> int:
+        """Size of the flattened output for images [H, W, C]."""
+        height, width, _ = image_shape
+        # Two stride-2 convolutions with SAME padding: ceil(n / 4).
+        return -(-height // 4) * -(-width // 4) * self.out_channels
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         for conv, norm in zip(self.convs, self.norms, strict=True):
@@ -107,12 +113,10 @@ class EmbeddingModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        height, width_px, channels = image_shape
         self.backbone = SmallCNN(
-            channels, width, axis_name=axis_name, rngs=rngs, dtype=dtype
+            image_shape[-1], width, axis_name=axis_name, rngs=rngs, dtype=dtype
         )
-        # Two stride-2 convolutions with SAME padding: ceil(n / 4).
-        flat = -(-height // 4) * -(-width_px // 4) * self.backbone.out_channels
+        flat = self.backbone.flat_features(image_shape)
         self.embed = EmbeddingHead(flat, embedding_dim, axis_name=axis_name, rngs=rngs)
         self.head = MarginHead(num_classes, embedding_dim, rngs=rngs)
 
@@ -153,11 +157,10 @@ class TwoHeadModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        height, width_px, channels = image_shape
         self.backbone = SmallCNN(
-            channels, width, axis_name=axis_name, rngs=rngs, dtype=dtype
+            image_shape[-1], width, axis_name=axis_name, rngs=rngs, dtype=dtype
         )
-        flat = -(-height // 4) * -(-width_px // 4) * self.backbone.out_channels
+        flat = self.backbone.flat_features(image_shape)
         self.embed = nnx.Linear(flat, embedding_dim, rngs=rngs)
         self.head = ClassifierHead(self.backbone.out_channels, num_classes, rngs=rngs)
 
