@@ -23,6 +23,8 @@ __all__ = [
     "check_same_batch",
     "prepare_cos_labels",
     "masked_mean",
+    "check_embeddings_weights",
+    "scale_vector",
 ]
 
 
@@ -154,3 +156,35 @@ def masked_mean(x: jax.Array, where, axis_name: str | None = None) -> jax.Array:
     if axis_name is not None:
         total, count = jax.lax.psum((total, count), axis_name)
     return total / jnp.maximum(count, 1.0)
+
+
+def check_embeddings_weights(
+    embeddings, weights, fn: str, *, weights_layout: str = "[C, D]"
+) -> None:
+    """Float embeddings [B, D] and class centres ``weights_layout`` sharing D."""
+    check_floating(embeddings, "embeddings", fn)
+    check_floating(weights, "weights", fn)
+    check_rank(embeddings, 2, "embeddings", fn, "[B, D]")
+    check_rank(weights, 2, "weights", fn, weights_layout)
+    if np.shape(embeddings)[1] != np.shape(weights)[1]:
+        raise ValueError(
+            f"{fn}: `embeddings` [B, D] and `weights` {weights_layout} must share D; "
+            f"got `embeddings` shape {_shape(embeddings)} and `weights` shape "
+            f"{_shape(weights)}."
+        )
+
+
+def scale_vector(scale, batch: int, dtype, fn: str, *, where=None) -> jax.Array:
+    """A scale given as a scalar or per example, as a vector [B].
+
+    Padded rows (``where`` False) get scale 1, so they cannot produce inf/NaN.
+    """
+    s = jnp.asarray(scale, dtype)
+    if s.ndim == 0:
+        s = jnp.broadcast_to(s, (batch,))
+    elif s.shape != (batch,):
+        raise ValueError(
+            f"{fn}: `scale` must be a scalar or have shape [B] = ({batch},); got "
+            f"`scale` shape {s.shape}."
+        )
+    return s if where is None else jnp.where(where, s, 1.0)

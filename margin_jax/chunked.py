@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from margin_jax import _checks
@@ -230,33 +231,16 @@ def _check_chunk(chunk_size, fn):
 
 
 def _validate(fn, embeddings, weights, labels, where, weights_layout="[C, D]"):
-    _checks.check_floating(embeddings, "embeddings", fn)
-    _checks.check_floating(weights, "weights", fn)
-    _checks.check_rank(embeddings, 2, "embeddings", fn, "[B, D]")
-    _checks.check_rank(weights, 2, "weights", fn, weights_layout)
-    if embeddings.shape[1] != weights.shape[1]:
-        raise ValueError(
-            f"{fn}: `embeddings` [B, D] and `weights` {weights_layout} must share D; "
-            f"got `embeddings` shape {tuple(embeddings.shape)} and `weights` shape "
-            f"{tuple(weights.shape)}."
-        )
-    batch = embeddings.shape[0]
-    _checks.check_labels(
-        labels, batch, fn, ref="embeddings", ref_shape=embeddings.shape
+    _checks.check_embeddings_weights(
+        embeddings, weights, fn, weights_layout=weights_layout
     )
-    _checks.check_where(where, batch, fn, ref="embeddings", ref_shape=embeddings.shape)
-
-
-def _scale_vector(scale, batch, dtype, fn):
-    s = jnp.asarray(scale, dtype)
-    if s.ndim == 0:
-        return jnp.broadcast_to(s, (batch,))
-    if s.shape != (batch,):
-        raise ValueError(
-            f"{fn}: `scale` must be a scalar or have shape [B] = ({batch},); got "
-            f"`scale` shape {s.shape}."
-        )
-    return s
+    batch = np.shape(embeddings)[0]
+    _checks.check_labels(
+        labels, batch, fn, ref="embeddings", ref_shape=np.shape(embeddings)
+    )
+    _checks.check_where(
+        where, batch, fn, ref="embeddings", ref_shape=np.shape(embeddings)
+    )
 
 
 def _target_logits(x_hat, target_rows, target_fn):
@@ -331,9 +315,7 @@ def chunked_margin_loss(
     if where is not None:
         where = jnp.asarray(where)
         x_hat = jnp.where(where[:, None], x_hat, 0.0)
-    scale = _scale_vector(scale, x_hat.shape[0], dtype, fn)
-    if where is not None:
-        scale = jnp.where(where, scale, 1.0)
+    scale = _checks.scale_vector(scale, x_hat.shape[0], dtype, fn, where=where)
     target = _target_logits(x_hat, jnp.take(weights, labels, axis=0), target_fn)
     lse = non_target_logsumexp(
         x_hat,
@@ -431,7 +413,7 @@ def sharded_margin_loss(
     valid = jnp.ones((local_batch,), bool) if where is None else jnp.asarray(where)
     x_hat = l2_normalize(embeddings.astype(dtype))
     x_hat = jnp.where(valid[:, None], x_hat, 0.0)
-    scale = jnp.where(valid, _scale_vector(scale, local_batch, dtype, fn), 1.0)
+    scale = _checks.scale_vector(scale, local_batch, dtype, fn, where=valid)
     gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
     x_all, labels_all, scale_all = (
         gather(x_hat),

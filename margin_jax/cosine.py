@@ -115,17 +115,7 @@ def cosine_logits(embeddings: ArrayLike, weights: ArrayLike) -> jax.Array:
       >>> cosine_logits(jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 0.0], [0.0, 3.0]]))
       Array([[1., 0.]], dtype=float32)
     """
-    fn = "cosine_logits"
-    _checks.check_floating(embeddings, "embeddings", fn)
-    _checks.check_floating(weights, "weights", fn)
-    _checks.check_rank(embeddings, 2, "embeddings", fn, "[B, D]")
-    _checks.check_rank(weights, 2, "weights", fn, "[C, D]")
-    if embeddings.shape[1] != weights.shape[1]:
-        raise ValueError(
-            f"{fn}: `embeddings` [B, D] and `weights` [C, D] must share D; got "
-            f"`embeddings` shape {tuple(embeddings.shape)} and `weights` shape "
-            f"{tuple(weights.shape)}."
-        )
+    _checks.check_embeddings_weights(embeddings, weights, "cosine_logits")
     dtype = _checks.compute_dtype(embeddings, weights)
     x = l2_normalize(jnp.asarray(embeddings, dtype))
     w = normalize_rows_fast(jnp.asarray(weights, dtype))

@@ -69,18 +69,10 @@ MARGIN_TYPES = ("none", "cosface", "arcface")
 
 
 def _scale_column(scale: ArrayLike, cos: jax.Array, where, fn: str) -> jax.Array:
-    """The scale as a scalar or a [B, 1] column (per-example, e.g. ||x_i||)."""
-    s = jnp.asarray(scale, cos.dtype)
-    if s.ndim == 0:
-        return s
-    if s.shape != (cos.shape[0],):
-        raise ValueError(
-            f"{fn}: `scale` must be a scalar or have shape [B] = ({cos.shape[0]},) to "
-            f"match `cos` of shape {tuple(cos.shape)}; got `scale` shape {s.shape}."
-        )
-    if where is not None:
-        s = jnp.where(where, s, 1.0)
-    return s[:, None]
+    """The scale as a [B, 1] column (scalar or per-example, e.g. ||x_i||)."""
+    return _checks.scale_vector(scale, cos.shape[0], cos.dtype, fn, where=where)[
+        :, None
+    ]
 
 
 def _margin_parts(cos, labels, target_fn, non_target_fn):
