@@ -20,3 +20,41 @@ for _flag in _FLAGS:
             os.environ.get("XLA_FLAGS", "") + " " + _flag
         ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Notebooks (executed by nbmake in their own kernels, which inherit this
+# environment): a few training steps (train.figures.quick) and their runs in a
+# temporary directory, never in the user's cache.
+_NOTEBOOK_ENV = {"MARGIN_JAX_QUICK": "1"}
+_saved_env: dict = {}
+
+
+def _is_notebook(item) -> bool:
+    return str(getattr(item, "path", "")).endswith(".ipynb")
+
+
+def pytest_runtest_setup(item):
+    """A notebook's kernel sees one CPU device, as a user's would."""
+    if not _is_notebook(item):
+        return
+    import tempfile
+
+    env = dict(_NOTEBOOK_ENV)
+    env["MARGIN_JAX_RUNS"] = tempfile.mkdtemp(prefix="margin_jax_notebook_runs_")
+    env["XLA_FLAGS"] = " ".join(f for f in _FLAGS if "device_count" not in f)
+    for key, value in env.items():
+        _saved_env[key] = os.environ.get(key)
+        os.environ[key] = value
+
+
+def pytest_runtest_teardown(item):
+    if not _is_notebook(item):
+        return
+    import shutil
+
+    shutil.rmtree(os.environ["MARGIN_JAX_RUNS"], ignore_errors=True)
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """A thin wrapper of `ocp.CheckpointManager` for one state pytree."""
 
-    def __init__(self, directory: str, *, every: int, keep: int):
+    def __init__(self, directory: str, *, every: int, keep: int | None):
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -30,9 +30,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, like):
-        """Restores the latest checkpoint into the structure of ``like``."""
-        step = self.latest_step()
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore(self, like, *, step: int | None = None):
+        """Restores the latest checkpoint (or ``step``) into ``like``'s structure."""
+        step = self.latest_step() if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

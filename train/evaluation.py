@@ -9,6 +9,8 @@ clusters. Test-time flip fusion is not used: flipped digits are other glyphs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -17,23 +19,26 @@ from margin_jax import eval as mj_eval
 from train import input_pipeline
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(eval_graphdef, params, batch_stats, x):
+    return nnx.merge(eval_graphdef, params, batch_stats)(x)
+
+
 def embed(eval_graphdef, params, batch_stats, images, *, batch_size=256):
-    """Embeddings [N, D] (float32 NumPy) of uint8 images, model in eval mode."""
+    """Embeddings [N, D] (float32 NumPy) of uint8 images, model in eval mode.
 
-    @jax.jit
-    def apply(params, batch_stats, x):
-        return nnx.merge(eval_graphdef, params, batch_stats)(x)
-
-    chunks = [
-        np.asarray(
-            apply(
-                params,
-                batch_stats,
-                input_pipeline.preprocess(images[i : i + batch_size]),
+    Every block has ``batch_size`` rows (the last one padded), so one model
+    compiles once whatever N is.
+    """
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        block = input_pipeline.preprocess(images[i : i + batch_size])
+        n = len(block)
+        if n < batch_size:
+            block = np.concatenate(
+                [block, np.zeros_like(block[:1]).repeat(batch_size - n, 0)]
             )
-        )
-        for i in range(0, len(images), batch_size)
-    ]
+        chunks.append(np.asarray(_apply(eval_graphdef, params, batch_stats, block))[:n])
     return np.concatenate(chunks)
 
 

@@ -1,0 +1,38 @@
+"""The figures of the notebooks and of the README gallery.
+
+Each notebook in notebooks/ calls these functions and defines no logic of its
+own; ``python -m train.figures --out docs/gallery`` (``make gallery``) writes
+the README's PNG files with the same functions. Every function returns a
+matplotlib `Figure` built on an Agg canvas (no pyplot state, no display
+needed), or plain data (dicts, markdown tables).
+
+Modules, one per notebook:
+
+* `zoo`: target-logit curves, non-target reweighting, decision margins
+  (loss_zoo.ipynb);
+* `hypersphere`: 2-D and 3-D embeddings trained through train/
+  (hypersphere.ipynb);
+* `support_vectors`: the SV mask during training, SV vs focal vs hard mining
+  (support_vectors.ipynb);
+* `gradients`: jax.grad against finite differences, cos = ±1, exact vs
+  straight-through ArcFace, checking a composed loss (grad_check.ipynb).
+
+Set the environment variable ``MARGIN_JAX_QUICK=1`` (the test command does) to
+run the notebooks with a few training steps; `steps` picks the count.
+"""
+
+from __future__ import annotations
+
+import os
+
+QUICK_ENV = "MARGIN_JAX_QUICK"
+
+
+def quick() -> bool:
+    """True when ``MARGIN_JAX_QUICK`` is set to a non-empty value other than 0."""
+    return os.environ.get(QUICK_ENV, "") not in ("", "0")
+
+
+def steps(full: int, quick_steps: int) -> int:
+    """``full`` training steps, or ``quick_steps`` under ``MARGIN_JAX_QUICK``."""
+    return quick_steps if quick() else full

@@ -1,0 +1,296 @@
+"""Figures and checks of notebooks/grad_check.ipynb.
+
+`check_loss` is the whole recipe for a loss of one's own: jax.grad against
+central finite differences in float64 (through `margin_jax.cosine_logits`, so
+the embeddings and the class centres both get checked), finite gradients at
+cos = ±1 in float32 and bf16, and loss >= 0. `gradient_check_table` runs it
+on every named loss of margin_jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import margin_jax as mj
+from train.figures import _plot
+
+
+def cosine_losses(scale: float = 16.0) -> dict:
+    """name -> loss(cos [B, C], labels [B]) -> [B], each named loss of margin_jax."""
+    arc = functools.partial(mj.arcface_target, margin=0.5)
+    logits = functools.partial(mj.margin_logits, target_fn=arc, scale=scale)
+    s = scale
+    return {
+        "softmax (on s·cos)": lambda c, y: mj.softmax_loss(s * c, y),
+        "normface": lambda c, y: mj.normface_loss(c, y, scale=s),
+        "cosface": lambda c, y: mj.cosface_loss(c, y, scale=s),
+        "arcface": lambda c, y: mj.arcface_loss(c, y, scale=s),
+        "combined (1, 0.3, 0.2)": lambda c, y: mj.combined_margin_loss(c, y, scale=s),
+        "sphereface (m = 4, λ = 5)": lambda c, y: mj.sphereface_loss(
+            c, y, margin=4, lambda_=5.0, scale=s
+        ),
+        "adacos (fixed scale)": lambda c, y: mj.adacos_loss(
+            c, y, scale=mj.adacos_fixed_scale(c.shape[1])
+        ),
+        "sv_softmax (SV-Arc)": lambda c, y: mj.sv_softmax_loss(
+            c, y, scale=s, margin_type="arcface", margin=0.5
+        ),
+        "mv_softmax (MV-AM)": lambda c, y: mj.mv_softmax_loss(c, y, scale=s),
+        "eqm": lambda c, y: mj.eqm_loss(c, y, scale=s, t1=0.6, t2=0.25),
+        # t is loss state, moved by each batch without a gradient: checked here
+        # with t held fixed (the stage composition curricularface_loss uses).
+        "curricularface stages (t = 0.3)": lambda c, y: mj.margin_softmax_loss(
+            c,
+            y,
+            target_fn=arc,
+            non_target_fn=functools.partial(mj.curricular_non_target, t=0.3),
+            scale=s,
+        ),
+        "focal (γ = 2, ArcFace logits)": lambda c, y: mj.focal_loss(logits(c, y), y),
+        "hard mining (ArcFace logits)": lambda c, y: mj.hard_mining_loss(
+            logits(c, y), y, keep_ratio=0.5
+        ),
+    }
+
+
+def embedding_losses() -> dict:
+    """name -> loss(embeddings [B, D], labels [B]) of the pair and centre losses."""
+    return {
+        "triplet, semi-hard": lambda x, y: mj.triplet_loss(x, y, mining="semi_hard"),
+        "triplet, batch-hard": lambda x, y: mj.triplet_loss(x, y, mining="batch_hard"),
+        "contrastive": lambda x, y: mj.contrastive_loss(x, y),
+        # Rows 0-2 are the anchors of rows 3-5 (three distinct classes).
+        "n-pair": lambda x, y: mj.npair_loss(x[:3], x[3:]),
+        "center loss": lambda x, y: mj.center_loss(
+            x, y, mj.CenterState(centers=jnp.full((4, x.shape[1]), 0.1, x.dtype))
+        ),
+    }
+
+
+@dataclasses.dataclass
+class Check:
+    """The result of `check_loss` for one loss."""
+
+    name: str
+    max_abs_error: float  # max |jax.grad - finite difference|, float64
+    max_grad: float
+    finite_at_boundary: bool  # cos = ±1 in float32 and bf16
+    non_negative: bool
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.max_abs_error <= 1e-6 * max(1.0, self.max_grad)
+            and self.finite_at_boundary
+            and self.non_negative
+        )
+
+
+def _central_differences(f, args, eps):
+    """∂f/∂args by central differences, all elements at once under vmap."""
+    grads = []
+    for k, a in enumerate(args):
+        n = a.size
+        steps = (eps * jnp.eye(n, dtype=a.dtype)).reshape(n, *a.shape)
+
+        def at(v, k=k):
+            return f(*(v if j == k else b for j, b in enumerate(args)))
+
+        values = jax.vmap(at)(jnp.concatenate([a + steps, a - steps]))
+        grads.append(((values[:n] - values[n:]) / (2 * eps)).reshape(a.shape))
+    return grads
+
+
+def _value_grad_fd(f, eps):
+    """One compiled program: f, jax.grad of f and its finite differences."""
+
+    def run(*args):
+        exact = jax.grad(f, argnums=tuple(range(len(args))))(*args)
+        return f(*args), exact, _central_differences(f, args, eps)
+
+    return jax.jit(run)
+
+
+def _inputs(seed: int, batch: int = 6, num_classes: int = 4, dim: int = 5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, dim))
+    w = rng.normal(size=(num_classes, dim))
+    labels = np.arange(batch) % num_classes  # every class twice or more
+    return x, w, labels
+
+
+def _boundary_cosines(labels, num_classes, dtype):
+    """cos exactly ±1 on the target and/or the non-targets (four patterns)."""
+    onehot = np.eye(num_classes, dtype=bool)[labels]
+    return [
+        jnp.asarray(np.where(onehot, t, o), dtype)
+        for t, o in ((1.0, -1.0), (-1.0, 1.0), (1.0, 1.0), (-1.0, -1.0))
+    ]
+
+
+def check_loss(
+    loss_fn, name: str = "loss", *, on: str = "cosines", seed: int = 0, eps=1e-6
+) -> Check:
+    """Checks a loss's gradients: float64 finite differences, cos = ±1, bf16.
+
+    Args:
+      loss_fn: ``loss_fn(cos [B, C], labels [B])`` (``on="cosines"``, checked
+        through `margin_jax.cosine_logits` with respect to the embeddings and
+        the class centres) or ``loss_fn(embeddings [B, D], labels [B])``
+        (``on="embeddings"``); per-example [B] or a scalar.
+      name: the name in the result.
+      on: "cosines" or "embeddings".
+      seed: of the random inputs.
+      eps: the finite-difference step.
+
+    Returns:
+      A `Check`; ``check.ok`` when the gradient matches to 1e-6 (relative to
+      its largest entry), is finite at the boundary and the loss is >= 0.
+    """
+    if on not in ("cosines", "embeddings"):
+        raise ValueError(
+            f"check_loss: `on` must be 'cosines' or 'embeddings', got {on!r}."
+        )
+    x, w, labels = _inputs(seed)
+    labels = jnp.asarray(labels)
+    with jax.enable_x64(True):
+        if on == "cosines":
+            args = (jnp.asarray(x), jnp.asarray(w))
+            f = lambda x, w: jnp.sum(loss_fn(mj.cosine_logits(x, w), labels))  # noqa: E731
+        else:
+            args = (jnp.asarray(x),)
+            f = lambda x: jnp.sum(loss_fn(x, labels))  # noqa: E731
+        value, exact, numeric = _value_grad_fd(f, eps)(*args)
+        exact, numeric = jax.tree.map(np.asarray, (exact, numeric))
+        err = max(
+            float(np.max(np.abs(e - n))) for e, n in zip(exact, numeric, strict=True)
+        )
+        biggest = max(float(np.max(np.abs(e))) for e in exact)
+        non_negative = bool(float(value) >= -1e-12)
+    if on == "cosines":
+        cases = [
+            jnp.stack(_boundary_cosines(np.asarray(labels), w.shape[0], dtype))
+            for dtype in (jnp.float32, jnp.bfloat16)
+        ]
+    else:
+        cases = [jnp.asarray(x, dtype)[None] for dtype in (jnp.float32, jnp.bfloat16)]
+    grad = jax.grad(lambda v: jnp.sum(loss_fn(v, labels)).astype(jnp.float32))
+    grads = jax.jit(lambda cases: [jax.vmap(grad)(c) for c in cases])(cases)
+    finite = all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    return Check(name, err, biggest, finite, non_negative)
+
+
+def gradient_check_table(seed: int = 0) -> list[Check]:
+    """`check_loss` of every loss of `cosine_losses` and `embedding_losses`."""
+    checks = [check_loss(fn, n, seed=seed) for n, fn in cosine_losses().items()]
+    checks += [
+        check_loss(fn, n, on="embeddings", seed=seed)
+        for n, fn in embedding_losses().items()
+    ]
+    return checks
+
+
+def checks_markdown(checks: list[Check]) -> str:
+    """The checks as a markdown table."""
+    rows = [
+        (
+            f"`{c.name}`",
+            f"{c.max_abs_error:.1e}",
+            f"{c.max_grad:.2f}",
+            "yes" if c.finite_at_boundary else "**no**",
+            "yes" if c.non_negative else "**no**",
+            "ok" if c.ok else "**FAIL**",
+        )
+        for c in checks
+    ]
+    header = (
+        "Loss",
+        "max abs error vs finite differences (float64)",
+        "max abs gradient",
+        "finite at cos = ±1, f32 and bf16",
+        "loss ≥ 0",
+        "",
+    )
+    return _plot.markdown_table(header, rows)
+
+
+def arcface_target_gradients(theta, *, margin: float = 0.5) -> dict[str, np.ndarray]:
+    """d f / d cos θ of ArcFace's target, exact and straight-through, on ``theta``."""
+    c = jnp.cos(jnp.asarray(theta, jnp.float32))
+    exact = functools.partial(mj.arcface_target, margin=margin)
+    st = mj.straight_through(exact)
+    return {
+        "exact: d cos(θ + m) / d cos θ": np.asarray(jax.vmap(jax.grad(exact))(c)),
+        "straight-through (insightface)": np.asarray(jax.vmap(jax.grad(st))(c)),
+    }
+
+
+def arcface_loss_gradients(
+    theta, *, margin: float = 0.5, scale: float = 16.0, num_classes: int = 10
+) -> dict[str, np.ndarray]:
+    """∂ℓ/∂cos θ_y of the ArcFace loss, the non-targets at cos = 0."""
+    c = jnp.cos(jnp.asarray(theta, jnp.float32))
+    cos = jnp.zeros((len(c), num_classes), jnp.float32).at[:, 0].set(c)
+    labels = jnp.zeros(len(c), jnp.int32)
+    out = {}
+    for name, st in (("exact", False), ("straight-through", True)):
+
+        def loss(cos, st=st):
+            return jnp.sum(
+                mj.arcface_loss(
+                    cos, labels, scale=scale, margin=margin, straight_through=st
+                )
+            )
+
+        out[name] = np.asarray(jax.grad(loss)(cos)[:, 0])
+    return out
+
+
+def plot_arcface_gradients(*, margin: float = 0.5, scale: float = 16.0):
+    """Exact vs straight-through ArcFace: the target stage's and the loss's gradient.
+
+    Left: d f/d cos θ. The exact derivative of cos(θ + m) is
+    cos m + sin m·cos θ / sin θ, which grows without bound as θ → 0 (it is
+    finite *at* θ = 0, where `margin_jax.safe_sin` gives sin θ a zero
+    derivative); beyond θ = π − m the fallback has slope 1. The straight-through
+    form is 1 everywhere. Right: what reaches the target cosine through the
+    loss, −s·(1 − p_y)·f′, for a sample with 9 non-targets at cos = 0.
+    """
+    theta = np.linspace(0.0, np.pi, 1441)
+    deg = _plot.degrees(theta)
+    fig = _plot.new_figure((12, 4.2))
+    a, b = fig.subplots(1, 2)
+    for (name, g), style in zip(
+        arcface_target_gradients(theta, margin=margin).items(),
+        ("C0-", "C3--"),
+        strict=True,
+    ):
+        a.semilogy(deg, np.abs(g), style, label=name)
+    a.axvline(np.degrees(np.pi - margin), color="0.6", lw=0.8)
+    a.set(
+        xlabel="θ_y (degrees)",
+        ylabel="|d f / d cos θ|",
+        title=f"ArcFace target stage, m = {margin}",
+        xlim=(0, 180),
+    )
+    a.legend(fontsize=8)
+    for (name, g), style in zip(
+        arcface_loss_gradients(theta, margin=margin, scale=scale).items(),
+        ("C0-", "C3--"),
+        strict=True,
+    ):
+        b.plot(deg, g, style, label=name)
+    b.axvline(np.degrees(np.pi - margin), color="0.6", lw=0.8)
+    b.set(
+        xlabel="θ_y (degrees)",
+        ylabel="∂ℓ / ∂cos θ_y",
+        title=f"ArcFace loss, s = {scale:g}, 9 non-targets at cos = 0",
+        xlim=(0, 180),
+    )
+    b.legend(fontsize=8)
+    return fig
