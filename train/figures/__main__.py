@@ -23,7 +23,7 @@ FIGURES = (
 )
 # Steps of the runs behind the figures: (full, --quick).
 HYPERSPHERE_STEPS = (600, 4)
-SV_STEPS, SV_EVERY = (300, 4), (20, 2)
+SV_STEPS, SV_EVERY = (100, 6), (5, 2)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +71,9 @@ def _figures(names, quick: bool):
             yield (
                 "sv_focal_hard_mining",
                 support_vectors.plot_reweighting(
-                    snapshots[len(snapshots) // 4], scale=loss["scale"], **hyper
+                    support_vectors.with_support_vectors(snapshots),
+                    scale=loss["scale"],
+                    **hyper,
                 ),
             )
     if "arcface_gradients" in names:

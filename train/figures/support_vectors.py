@@ -120,16 +120,30 @@ def _mark(ax, labels, mask):
     )
 
 
-def plot_support_vectors(snapshots: list[Snapshot], *, margin: float, panels: int = 4):
-    """The fixed batch's cosines at ``panels`` snapshots, support vectors marked.
+def nearest(snapshots: list[Snapshot], fractions) -> list[Snapshot]:
+    """The snapshots nearest to each fraction of the last step (no repeats)."""
+    steps = np.array([s.step for s in snapshots])
+    picks = [int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions]
+    return [snapshots[i] for i in sorted(set(picks))]
+
+
+def with_support_vectors(snapshots: list[Snapshot], fraction: float = 0.25):
+    """The snapshot whose support-vector share is nearest ``fraction``."""
+    return min(snapshots, key=lambda s: abs(s.sv_fraction - fraction))
+
+
+def plot_support_vectors(
+    snapshots: list[Snapshot], *, margin: float, at=(0.0, 0.1, 0.2, 0.4)
+):
+    """The fixed batch's cosines at a few snapshots, support vectors marked.
 
     Rows are the batch's images (sorted by digit), columns the 7 classes;
     colour is cos θ; green squares the target class; black crosses the support
-    vectors c_k > f(c_y) (ArcFace f). The last panel: the share of
-    non-target entries that are support vectors over the training set.
+    vectors c_k > f(c_y) (ArcFace f). Panels at the snapshots nearest the
+    fractions ``at`` of training. The last panel: the share of non-target
+    entries that are support vectors over the training set, every snapshot.
     """
-    picks = np.unique(np.linspace(0, len(snapshots) - 1, panels).round().astype(int))
-    shown = [snapshots[i] for i in picks]
+    shown = nearest(snapshots, at)
     panels = len(shown)
     fig = _plot.new_figure((3.0 * panels + 4, 4.6))
     axes = fig.subplots(1, panels + 1, width_ratios=[1] * panels + [1.6])
@@ -192,10 +206,11 @@ def plot_reweighting(snapshot: Snapshot, *, scale: float, margin: float):
     """SV vs focal vs hard mining: gradient on each non-target cosine / ArcFace's.
 
     Each heatmap is the ratio of the loss's ∂ℓ_i/∂c_ik to ArcFace's on the same
-    cosines (1 = unchanged; crosses: support vectors). SV-Softmax raises the
-    support vectors of every example; focal scales whole rows by how hard the
-    example is; hard mining keeps or drops whole rows. Right: the ratios
-    against c_k − f(c_y), the support vectors being c_k − f(c_y) > 0.
+    cosines (1 = unchanged; crosses: support vectors). SV-Softmax shifts an
+    example's gradient onto its support vectors (its easy classes get much
+    less, examples without support vectors are unchanged); focal scales whole
+    rows by how hard the example is; hard mining keeps or drops whole rows.
+    Right: the ratios against c_k − f(c_y), support vectors where it is > 0.
     """
     cos, labels = jnp.asarray(snapshot.cos), snapshot.labels
     grads = non_target_gradients(cos, labels, scale=scale, margin=margin)
