@@ -350,11 +350,12 @@ def device_sharding(devices) -> jax.sharding.NamedSharding:
 
 def to_devices(state, devices, *, sharded=False):
     """Host layout -> pmap layout: replicate, except a sharded head's leaves."""
-    placed = functools.partial(jax.device_put, device=device_sharding(devices))
-    rep = lambda x: placed(replicate(x, devices))  # noqa: E731
     if not sharded:
-        return jax.tree.map(rep, state)
-    return _map_head(lambda x: placed(np.asarray(x)), state, rep)
+        return replicate(state, devices)
+    placed = functools.partial(jax.device_put, device=device_sharding(devices))
+    return _map_head(
+        lambda x: placed(np.asarray(x)), state, lambda x: replicate(x, devices)
+    )
 
 
 def to_host(p_state, *, sharded=False):
@@ -372,9 +373,17 @@ def full_head(state, num_classes):
 
 
 def replicate(tree, devices):
-    """A copy of ``tree`` per device, stacked on a new leading axis for pmap."""
-    n = len(devices)
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *x.shape)), tree)
+    """A copy of ``tree`` per device, stacked on a new leading axis for pmap.
+
+    Placed with `device_sharding`, as the pmapped step returns its state.
+    """
+    n, sharding = len(devices), device_sharding(devices)
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding
+        ),
+        tree,
+    )
 
 
 def _first_replica(x):

@@ -264,33 +264,30 @@ def plot_arcface_gradients(*, margin: float = 0.5, scale: float = 16.0):
     theta = np.linspace(0.0, np.pi, 1441)
     deg = _plot.degrees(theta)
     fig = _plot.new_figure((12, 4.2))
-    a, b = fig.subplots(1, 2)
-    for (name, g), style in zip(
-        arcface_target_gradients(theta, margin=margin).items(),
-        ("C0-", "C3--"),
-        strict=True,
-    ):
-        a.semilogy(deg, np.abs(g), style, label=name)
-    a.axvline(np.degrees(np.pi - margin), color="0.6", lw=0.8)
-    a.set(
-        xlabel="θ_y (degrees)",
-        ylabel="|d f / d cos θ|",
-        title=f"ArcFace target stage, m = {margin}",
-        xlim=(0, 180),
+    panels = (
+        (
+            {
+                k: np.abs(v)
+                for k, v in arcface_target_gradients(theta, margin=margin).items()
+            },
+            "log",
+            "|d f / d cos θ|",
+            f"ArcFace target stage, m = {margin}",
+        ),
+        (
+            arcface_loss_gradients(theta, margin=margin, scale=scale),
+            "linear",
+            "∂ℓ / ∂cos θ_y",
+            f"ArcFace loss, s = {scale:g}, 9 non-targets at cos = 0",
+        ),
     )
-    a.legend(fontsize=8)
-    for (name, g), style in zip(
-        arcface_loss_gradients(theta, margin=margin, scale=scale).items(),
-        ("C0-", "C3--"),
-        strict=True,
+    for ax, (curves, yscale, ylabel, title) in zip(
+        fig.subplots(1, 2), panels, strict=True
     ):
-        b.plot(deg, g, style, label=name)
-    b.axvline(np.degrees(np.pi - margin), color="0.6", lw=0.8)
-    b.set(
-        xlabel="θ_y (degrees)",
-        ylabel="∂ℓ / ∂cos θ_y",
-        title=f"ArcFace loss, s = {scale:g}, 9 non-targets at cos = 0",
-        xlim=(0, 180),
-    )
-    b.legend(fontsize=8)
+        for (name, g), style in zip(curves.items(), ("C0-", "C3--"), strict=True):
+            ax.plot(deg, g, style, label=name)
+        ax.axvline(np.degrees(np.pi - margin), color="0.6", lw=0.8)
+        ax.set(xlabel="θ_y (degrees)", ylabel=ylabel, title=title, xlim=(0, 180))
+        ax.set_yscale(yscale)
+        ax.legend(fontsize=8)
     return fig
