@@ -22,8 +22,8 @@ for _flag in _FLAGS:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Notebooks (executed by nbmake in their own kernels, which inherit this
-# environment): a few training steps (train.figures.quick) and their runs in a
-# temporary directory, never in the user's cache.
+# environment): a few training steps (train.figures.quick), and their runs and
+# data set in a temporary directory, never in the user's cache.
 _NOTEBOOK_ENV = {"MARGIN_JAX_QUICK": "1"}
 _saved_env: dict = {}
 
@@ -40,7 +40,12 @@ def pytest_runtest_setup(item):
 
     env = dict(_NOTEBOOK_ENV)
     env["MARGIN_JAX_RUNS"] = tempfile.mkdtemp(prefix="margin_jax_notebook_runs_")
-    env["XLA_FLAGS"] = " ".join(f for f in _FLAGS if "device_count" not in f)
+    env["MARGIN_JAX_DATA_DIR"] = os.path.join(env["MARGIN_JAX_RUNS"], "tfds")
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
     for key, value in env.items():
         _saved_env[key] = os.environ.get(key)
         os.environ[key] = value

@@ -41,6 +41,11 @@ def test_check_loss_on_embeddings_and_bad_argument():
         lambda x, y: mj.contrastive_loss(x, y), on="embeddings"
     )
     assert check.ok
+    # A distance without a guard at 0: NaN gradient for coincident embeddings.
+    naive = gradients.check_loss(
+        lambda x, y: jnp.sqrt(jnp.sum((x - x[:1]) ** 2, axis=1)), on="embeddings"
+    )
+    assert not naive.finite_at_boundary
     with pytest.raises(ValueError, match="`on` must be 'cosines' or 'embeddings'"):
         gradients.check_loss(mj.normface_loss, on="logits")
 
@@ -79,3 +84,33 @@ def test_gallery_rejects_unknown_figure(capsys):
         gallery.main(["--only", "hyperbola"])
     err = capsys.readouterr().err
     assert "hyperbola" in err and "valid choices for --only" in err
+
+
+def test_a_diverged_run_is_reported_not_raised(monkeypatch, tmp_path):
+    from train import train as train_lib
+    from train.figures import hypersphere
+
+    def diverge(config, workdir):
+        raise train_lib.NonFiniteLossError("Non-finite loss (nan) at step 3")
+
+    monkeypatch.setenv(figures.DATA_ENV, str(tmp_path / "tfds"))
+    monkeypatch.setenv(hypersphere.RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.setattr(train_lib, "train_and_evaluate", diverge)
+    runs = hypersphere.train_all(["sv_softmax"], dims=(2,), steps=3, progress=False)
+    run = runs["sv_softmax", 2]
+    assert "Non-finite loss" in run.diverged
+    assert run.label == "SV-Arc-Softmax (margin = 0.2)"
+    table = hypersphere.accuracy_table(runs)
+    assert "| SV-Arc-Softmax (margin = 0.2) | diverged | diverged | diverged |" in table
+    hypersphere.plot_hypersphere(runs).savefig(tmp_path / "h.png", dpi=30)
+
+
+def test_config_id_changes_with_the_config():
+    from train.figures import hypersphere
+
+    a = hypersphere.run_config("arcface", 2, steps=10)
+    b = hypersphere.run_config("arcface", 3, steps=10)
+    assert hypersphere.config_id(a) == hypersphere.config_id(
+        a.copy_and_resolve_references()
+    )
+    assert hypersphere.config_id(a) != hypersphere.config_id(b)

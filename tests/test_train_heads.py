@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -148,6 +150,24 @@ def test_sharded_head_is_checkpointed_and_resumes(data_dir, tmp_path):
     head_a = a.params["head"]["weight"][...]
     assert head_a.shape == (8, 1, config.embedding_dim)  # one class row per device
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # restore_model re-joins the shards into W [C, D] ...
+    model = train.restore_model(config, whole, (8, 8, 1))
+    np.testing.assert_array_equal(
+        model.head.weight[...], head_a.reshape(-1, config.embedding_dim)[:NUM_CLASSES]
+    )
+    # ... and on another device count says why it cannot.
+    script = (
+        "import sys; from train import train; from train.configs import tiny\n"
+        "c = tiny.get_config()\n"
+        f"c.update(data_dir={data_dir!r}, head='sharded', num_train_steps=4)\n"
+        f"train.restore_model(c, {whole!r}, (8, 8, 1))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="")  # one device
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "does not fit 1 local devices" in done.stderr
 
 
 def test_partial_fc_head_trains(data_dir, tmp_path):

@@ -108,8 +108,11 @@ def test_restore_model_latest_a_step_or_the_initialisation(data_dir, tmp_path):
     assert latest(images).shape == (3, config.embedding_dim)
     with pytest.raises(FileNotFoundError, match=r"at step 3 .*saved steps: \[2, 4\]"):
         train.restore_model(config, str(tmp_path), (8, 8, 1), step=3)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
-        train.restore_model(config, str(tmp_path / "empty"), (8, 8, 1))
+        train.restore_model(config, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no run directory"):
+        train.restore_model(config, str(tmp_path / "typo"), step=0)
 
 
 def test_to_devices_places_the_state_as_the_step_returns_it(data_dir):

@@ -13,6 +13,9 @@ on first use.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -56,11 +59,36 @@ class MarginJaxDigits(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": int(label)}
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An advisory lock on ``path`` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_digits(data_dir: str) -> MarginJaxDigits:
-    """Builds the digits data set under ``data_dir`` unless it is there already."""
+    """Builds the digits data set under ``data_dir`` unless it is there already.
+
+    Several processes may call this at once (tests, notebooks): one builds,
+    the others wait for it under a lock file in ``data_dir``.
+    """
     builder = MarginJaxDigits(data_dir=data_dir, file_format=FILE_FORMAT)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    with _exclusive(os.path.join(data_dir, f".{NAME}.lock")):
+        builder = MarginJaxDigits(data_dir=data_dir, file_format=FILE_FORMAT)
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
     return builder

@@ -458,7 +458,7 @@ def load_data(config) -> tuple[input_pipeline.Dataset, input_pipeline.Dataset]:
     return input_pipeline.open_set_split(data, config.num_train_classes)
 
 
-def restore_model(config, workdir: str, image_shape, *, step: int | None = None):
+def restore_model(config, workdir: str, image_shape=None, *, step: int | None = None):
     """The model trained in ``workdir`` (latest checkpoint, or ``step``), eval mode.
 
     A Flax NNX module: ``model(images)`` gives the embeddings [B, D] of
@@ -467,10 +467,22 @@ def restore_model(config, workdir: str, image_shape, *, step: int | None = None)
     ``model.train()`` to fine-tune it. ``step=0`` without a checkpoint there
     gives the initialisation (the config's seed), which training starts from.
 
+    Args:
+      config: the config the run was trained with.
+      workdir: the run's directory.
+      image_shape: (H, W, C) of the images; default: read from the data set.
+      step: a saved step, 0, or None for the latest.
+
     Raises:
-      FileNotFoundError: ``workdir`` has no checkpoint (or none at ``step``).
+      FileNotFoundError: ``workdir`` does not exist, or has no checkpoint (or
+        none at ``step``).
+      ValueError: a sharded head saved with another device count.
     """
     validate_config(config)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"restore_model: no run directory {workdir!r}.")
+    if image_shape is None:
+        image_shape = load_data(config)[0].images.shape[1:]
     sharded = config.get("head", "dense") == "sharded"
     tx, _ = create_optimizer(config)
     _, eval_graphdef, state = create_train_state(
@@ -493,8 +505,18 @@ def restore_model(config, workdir: str, image_shape, *, step: int | None = None)
                 f"{ckpt.directory} (saved steps: {steps}); train there first "
                 "(train_and_evaluate(config, workdir))."
             )
-        else:
+        elif not sharded:
             state = ckpt.restore(state, step=step)
+        else:
+            try:
+                state = ckpt.restore(state, step=step)
+            except ValueError as e:
+                raise ValueError(
+                    f"restore_model: the sharded head in {ckpt.directory} does not "
+                    f"fit {len(jax.local_devices())} local devices (W split into "
+                    "one shard per device); restore it on the device count it "
+                    f"was trained on. ({e})"
+                ) from e
     finally:
         ckpt.close()
     if sharded:

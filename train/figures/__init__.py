@@ -19,6 +19,8 @@ Modules, one per notebook:
 
 Set the environment variable ``MARGIN_JAX_QUICK=1`` (the test command does) to
 run the notebooks with a few training steps; `steps` picks the count.
+``MARGIN_JAX_RUNS`` moves the cached runs (`hypersphere.runs_dir`) and
+``MARGIN_JAX_DATA_DIR`` the tfds data (default: the config's).
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ from __future__ import annotations
 import os
 
 QUICK_ENV = "MARGIN_JAX_QUICK"
+DATA_ENV = "MARGIN_JAX_DATA_DIR"
 
 
 def quick() -> bool:
     """True when ``MARGIN_JAX_QUICK`` is set to a non-empty value other than 0."""
     return os.environ.get(QUICK_ENV, "") not in ("", "0")
+
+
+def data_dir() -> str | None:
+    """$MARGIN_JAX_DATA_DIR, the tfds data_dir of the runs (None: the config's)."""
+    return os.environ.get(DATA_ENV) or None
 
 
 def steps(full: int, quick_steps: int) -> int:

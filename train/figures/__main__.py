@@ -3,7 +3,7 @@
 Writes one PNG per figure with the functions the notebooks call, training the
 hypersphere and support-vector runs through train/ first (runs are cached in
 $MARGIN_JAX_RUNS or ~/.cache/margin_jax/runs, so a second call only redraws).
-About 10 minutes on 2 CPU cores with the default step counts; ``--quick``
+About 6 minutes on 2 CPU cores with the default step counts; ``--quick``
 (or MARGIN_JAX_QUICK=1) uses a few steps per run, for a smoke test.
 """
 

@@ -63,6 +63,7 @@ def embedding_losses() -> dict:
     return {
         "triplet, semi-hard": lambda x, y: mj.triplet_loss(x, y, mining="semi_hard"),
         "triplet, batch-hard": lambda x, y: mj.triplet_loss(x, y, mining="batch_hard"),
+        "triplet, batch-all": lambda x, y: mj.triplet_loss(x, y, mining="batch_all"),
         "contrastive": lambda x, y: mj.contrastive_loss(x, y),
         # Rows 0-2 are the anchors of rows 3-5 (three distinct classes).
         "n-pair": lambda x, y: mj.npair_loss(x[:3], x[3:]),
@@ -133,10 +134,22 @@ def _boundary_cosines(labels, num_classes, dtype):
     ]
 
 
+def _boundary_embeddings(x, dtype):
+    """Coincident embeddings (distance 0, cos = 1): each row equal to row 0."""
+    same = np.broadcast_to(x[:1], x.shape)
+    pairs = x.copy()
+    pairs[1::2] = x[0::2][: len(pairs[1::2])]  # rows 2k and 2k + 1 coincide
+    return [jnp.asarray(v, dtype) for v in (x, same, pairs)]
+
+
 def check_loss(
     loss_fn, name: str = "loss", *, on: str = "cosines", seed: int = 0, eps=1e-6
 ) -> Check:
-    """Checks a loss's gradients: float64 finite differences, cos = ±1, bf16.
+    """Checks a loss's gradients: float64 finite differences, the boundary, bf16.
+
+    The boundary is cos = ±1 (target and non-targets, four patterns) for a
+    loss of cosines, and coincident embeddings (distance 0) for a loss of
+    embeddings, each in float32 and bfloat16.
 
     Args:
       loss_fn: ``loss_fn(cos [B, C], labels [B])`` (``on="cosines"``, checked
@@ -150,7 +163,8 @@ def check_loss(
 
     Returns:
       A `Check`; ``check.ok`` when the gradient matches to 1e-6 (relative to
-      its largest entry), is finite at the boundary and the loss is >= 0.
+      its largest entry), is finite at the boundary and every per-example
+      loss is >= 0.
     """
     if on not in ("cosines", "embeddings"):
         raise ValueError(
@@ -161,24 +175,29 @@ def check_loss(
     with jax.enable_x64(True):
         if on == "cosines":
             args = (jnp.asarray(x), jnp.asarray(w))
-            f = lambda x, w: jnp.sum(loss_fn(mj.cosine_logits(x, w), labels))  # noqa: E731
+            per_example = lambda x, w: loss_fn(mj.cosine_logits(x, w), labels)  # noqa: E731
         else:
             args = (jnp.asarray(x),)
-            f = lambda x: jnp.sum(loss_fn(x, labels))  # noqa: E731
-        value, exact, numeric = _value_grad_fd(f, eps)(*args)
+            per_example = lambda x: loss_fn(x, labels)  # noqa: E731
+        f = lambda *a: jnp.sum(per_example(*a))  # noqa: E731
+        _, exact, numeric = _value_grad_fd(f, eps)(*args)
+        values = np.asarray(jax.jit(per_example)(*args))
         exact, numeric = jax.tree.map(np.asarray, (exact, numeric))
         err = max(
             float(np.max(np.abs(e - n))) for e, n in zip(exact, numeric, strict=True)
         )
         biggest = max(float(np.max(np.abs(e))) for e in exact)
-        non_negative = bool(float(value) >= -1e-12)
+        non_negative = bool(np.all(values >= -1e-12))
     if on == "cosines":
         cases = [
             jnp.stack(_boundary_cosines(np.asarray(labels), w.shape[0], dtype))
             for dtype in (jnp.float32, jnp.bfloat16)
         ]
     else:
-        cases = [jnp.asarray(x, dtype)[None] for dtype in (jnp.float32, jnp.bfloat16)]
+        cases = [
+            jnp.stack(_boundary_embeddings(x, dtype))
+            for dtype in (jnp.float32, jnp.bfloat16)
+        ]
     grad = jax.grad(lambda v: jnp.sum(loss_fn(v, labels)).astype(jnp.float32))
     grads = jax.jit(lambda cases: [jax.vmap(grad)(c) for c in cases])(cases)
     finite = all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
@@ -212,11 +231,15 @@ def checks_markdown(checks: list[Check]) -> str:
         "Loss",
         "max abs error vs finite differences (float64)",
         "max abs gradient",
-        "finite at cos = ±1, f32 and bf16",
+        "finite at the boundary*, f32 and bf16",
         "loss ≥ 0",
         "",
     )
-    return _plot.markdown_table(header, rows)
+    note = (
+        "\n\\* cos = ±1 on the target and the non-targets for the losses of "
+        "cosines; coincident embeddings (distance 0) for those of embeddings.\n"
+    )
+    return _plot.markdown_table(header, rows) + note
 
 
 def arcface_target_gradients(theta, *, margin: float = 0.5) -> dict[str, np.ndarray]:

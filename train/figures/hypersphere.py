@@ -1,16 +1,19 @@
 """Figures of notebooks/hypersphere.ipynb: 2-D and 3-D embeddings of the digits.
 
 Every run goes through the pipeline (`train.train.train_and_evaluate` with the
-family config of `train.compare.METHODS`, only the embedding size and the
-step count changed), is evaluated on the held-out digits 7-9 like the main
-job, and is then restored from its checkpoint to embed every image. Runs
-live in ``runs_dir()/<method>_d<dim>_<hash of the config>`` and are resumed, so
-a second call with the same arguments only re-embeds.
+family config of `train.compare.METHODS`; the embedding size and the step
+count changed, and the few low-dimensional changes of `OVERRIDES`), is
+evaluated on the held-out digits 7-9 like the main job, and is then restored
+from its checkpoint to embed every image. Runs live in
+``runs_dir()/<method>_d<dim>_<id>``, the id a hash of the config and of the
+margin_jax and train/ sources, and are resumed: a second call with the same
+arguments and code only re-embeds, any change retrains.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +21,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from train import compare, evaluation
+from train import compare, evaluation, figures
 from train import train as train_lib
 from train.figures import _plot
 
@@ -37,10 +40,10 @@ RUNS_ENV = "MARGIN_JAX_RUNS"
 HELD_OUT_RADIUS = 0.72  # the inner ring of the 2-D panels
 
 
-# Changes to the family configs for low-dimensional embeddings. SV-Arc's
-# m = 0.5 asks each of the 7 classes for 2m = 57° of free angle, 401° in all,
-# more than the circle has (training then collapses); it gets ArcFace's
-# default-config margin instead.
+# Changes to the family configs for low-dimensional embeddings (shown in the
+# labels). SV-Arc's m = 0.5 asks for 2m = 57° between neighbouring classes,
+# 401° for 7 classes, more than the circle has; it gets the margin of the
+# default ArcFace config instead, so the two differ only by the SV stage.
 OVERRIDES = {"sv_softmax": {"margin": 0.2}}
 
 
@@ -52,9 +55,36 @@ def runs_dir(name: str) -> str:
     return os.path.join(base, name)
 
 
+@functools.cache
+def _code_fingerprint() -> bytes:
+    """The margin_jax and train/ sources (figures excepted) and library versions."""
+    import flax
+    import jax
+    import optax
+
+    import margin_jax
+    import train
+
+    digest = hashlib.sha1(
+        f"{jax.__version__} {flax.__version__} {optax.__version__}".encode()
+    )
+    for package in (margin_jax, train):
+        root = os.path.dirname(os.path.abspath(package.__file__))
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs[:] = sorted(d for d in dirs if d not in ("figures", "__pycache__"))
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.digest()
+
+
 def config_id(config) -> str:
-    """A short hash of the whole config: a changed config never resumes a run."""
-    return hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:10]
+    """A short hash of the config and the code: a change never resumes a run."""
+    digest = hashlib.sha1(config.to_json(sort_keys=True).encode())
+    digest.update(_code_fingerprint())
+    return digest.hexdigest()[:10]
 
 
 @dataclasses.dataclass
@@ -71,15 +101,22 @@ class Run:
     held_out_embeddings: np.ndarray  # [M, dim], digits 7-9 (never trained on)
     held_out_labels: np.ndarray
     centres: np.ndarray | None  # W [7, dim] when the head lives in embedding space
+    diverged: str | None = None  # the NonFiniteLossError message, if it diverged
 
     @property
     def label(self) -> str:
-        return compare.METHODS[self.method][0]
+        label = compare.METHODS[self.method][0]
+        changed = OVERRIDES.get(self.method, {})
+        if changed:
+            label += " (" + ", ".join(f"{k} = {v}" for k, v in changed.items()) + ")"
+        return label
 
 
 def run_config(method: str, dim: int, *, steps: int, seed: int = 0):
     """The family config of ``method`` with ``dim``-D embeddings and ``steps``."""
-    config = compare.method_config(method, seed=seed, steps=steps)
+    config = compare.method_config(
+        method, seed=seed, steps=steps, data_dir=figures.data_dir()
+    )
     config.loss.update(OVERRIDES.get(method, {}))
     config.embedding_dim = dim
     config.checkpoint_every_steps = steps
@@ -96,9 +133,25 @@ def train_run(method: str, dim: int, *, steps: int, seed: int = 0, workdir=None)
         workdir = os.path.join(
             runs_dir("hypersphere"), f"{method}_d{dim}_{config_id(config)}"
         )
-    results = train_lib.train_and_evaluate(config, workdir)
-    results.pop("_arrays", None)
     train_data, held_out = train_lib.load_data(config)
+    try:
+        results = train_lib.train_and_evaluate(config, workdir)
+    except train_lib.NonFiniteLossError as e:
+        empty = np.zeros((0, dim), np.float32)
+        return Run(
+            method,
+            dim,
+            steps,
+            {},
+            float("nan"),
+            empty,
+            empty[:, 0],
+            empty,
+            empty[:, 0],
+            None,
+            diverged=str(e),
+        )
+    results.pop("_arrays", None)
     model = train_lib.restore_model(config, workdir, train_data.images.shape[1:])
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     embed = lambda x: evaluation.embed(graphdef, params, stats, x)  # noqa: E731
@@ -122,7 +175,11 @@ def train_run(method: str, dim: int, *, steps: int, seed: int = 0, workdir=None)
 def train_all(
     methods=METHODS, dims=(2, 3), *, steps: int, seed: int = 0, progress=True
 ) -> dict[tuple[str, int], Run]:
-    """`train_run` of every (method, dim), with a progress bar."""
+    """`train_run` of every (method, dim), with a progress bar.
+
+    A run whose loss diverges is kept as such (``run.diverged``; "diverged" in
+    the table and its panel) and the others go on.
+    """
     import tqdm
 
     jobs = [(m, d) for m in methods for d in dims]
@@ -141,9 +198,12 @@ def accuracy_table(runs: dict[tuple[str, int], Run]) -> str:
         header += [f"{d}-D verification", f"{d}-D Recall@1", f"{d}-D train acc."]
     rows = []
     for m in methods:
-        row = [compare.METHODS[m][0]]
+        row = [runs[m, dims[0]].label]
         for d in dims:
             r = runs[m, d]
+            if r.diverged:
+                row += ["diverged"] * 3
+                continue
             row += [
                 f"{r.results['verification_accuracy']:.3f}",
                 f"{r.results['recall_at_k']['recall@1']:.3f}",
@@ -154,7 +214,8 @@ def accuracy_table(runs: dict[tuple[str, int], Run]) -> str:
     note = (
         f"Held-out digits 7-9 (never trained on); {', '.join(map(str, steps))} "
         "training steps; train acc. is the closed-set accuracy of the last "
-        "logged training batch.\n\n"
+        "logged training batch (nearest class centre by cosine; the classifier "
+        "head for the two-head model).\n\n"
     )
     return note + _plot.markdown_table(header, rows)
 
@@ -233,11 +294,12 @@ def plot_hypersphere(runs: dict[tuple[str, int], Run], *, columns: int = 2):
             kw = {"projection": "3d"} if dim == 3 else {}
             ax = fig.add_subplot(grid[r, 2 * c + j], **kw)
             (_circle if dim == 2 else _sphere)(ax, run, colors)
-            ax.set_title(
-                f"{run.label}, {dim}-D\nheld-out ver. "
-                f"{run.results['verification_accuracy']:.3f}",
-                fontsize=8,
+            score = (
+                "diverged"
+                if run.diverged
+                else f"held-out ver. {run.results['verification_accuracy']:.3f}"
             )
+            ax.set_title(f"{run.label}, {dim}-D\n{score}", fontsize=8)
     from matplotlib.lines import Line2D
 
     handles = [

@@ -264,8 +264,9 @@ def plot_decision_margins(*, half_angle_deg: float = 40.0):
                 ha="center",
                 va="center",
             )
-        width = np.degrees(np.mean(~one & ~two) * 2 * np.pi)
-        top.set_title(f"{name}\nmargin sector {width:.0f}°", fontsize=9)
+        between = np.abs(phi) < alpha  # the arc from W1 to W2
+        width = np.degrees(np.mean((~one & ~two)[between]) * 2 * alpha)
+        top.set_title(f"{name}\nmargin between W1 and W2: {width:.0f}°", fontsize=9)
         top.set_aspect("equal")
         top.set_xlim(-1.25, 1.25)
         top.set_ylim(-1.25, 1.25)
