@@ -247,8 +247,8 @@ def _named_cases() -> list[Case]:
         cases.append(
             Case(
                 name,
-                functools.partial(_arcface_impl, **kw),
-                functools.partial(_arcface_ref, **kw),
+                _with_where(losses.arcface_loss, **kw),
+                _with_where(ref.arcface_loss, **kw),
                 kw.get("scale", 64.0),
                 boundaries=bounds,
                 target_value=_val(ref.arcface_target, **ref_kw),
@@ -259,8 +259,8 @@ def _named_cases() -> list[Case]:
         cases.append(
             Case(
                 f"combined_m1={m1}_m2={m2}_m3={m3}",
-                functools.partial(_combined_impl, **kw),
-                functools.partial(_combined_ref, **kw),
+                _with_where(losses.combined_margin_loss, **kw),
+                _with_where(ref.combined_margin_loss, **kw),
                 64.0,
                 boundaries=((PI - m2) / m1,),
                 target_value=_val(ref.combined_target, **kw),
@@ -320,8 +320,8 @@ def _named_cases() -> list[Case]:
             cases.append(
                 Case(
                     f"sv_{margin_type}_t={t}",
-                    functools.partial(_sv_impl, **kw),
-                    functools.partial(_sv_ref, **kw),
+                    _with_where(losses.sv_softmax_loss, **kw),
+                    _with_where(ref.sv_softmax_loss, **kw),
                     32.0,
                     boundaries=bounds,
                     target_value=lambda c, tv=tv: tv(c)[0],
@@ -339,8 +339,8 @@ def _named_cases() -> list[Case]:
         cases.append(
             Case(
                 f"mv_{mode}_{margin_type}_t={t}",
-                functools.partial(_mv_impl, **kw),
-                functools.partial(_mv_ref, **kw),
+                _with_where(losses.mv_softmax_loss, **kw),
+                _with_where(ref.mv_softmax_loss, **kw),
                 32.0,
                 boundaries=bounds,
                 target_value=lambda c, tv=tv: tv(c)[0],
@@ -373,20 +373,9 @@ def _named_cases() -> list[Case]:
     return cases
 
 
-def _arcface_impl(c, y, w, **kw):
-    return losses.arcface_loss(c, y, where=w, **kw)
-
-
-def _arcface_ref(c, y, w, **kw):
-    return ref.arcface_loss(c, y, where=w, **kw)
-
-
-def _combined_impl(c, y, w, **kw):
-    return losses.combined_margin_loss(c, y, where=w, **kw)
-
-
-def _combined_ref(c, y, w, **kw):
-    return ref.combined_margin_loss(c, y, where=w, **kw)
+def _with_where(loss_fn, **kw):
+    """``loss_fn(c, y, where=w, **kw)`` with the (c, y, w) signature of a Case."""
+    return lambda c, y, w: loss_fn(c, y, where=w, **kw)
 
 
 def _feature_norms(b: int) -> np.ndarray:
@@ -407,22 +396,6 @@ def _sphereface_ref(c, y, w, *, margin, lambda_, original):
     return ref.sphereface_loss(
         c, y, margin=margin, lambda_=lambda_, feature_norm=norms, where=w
     )[:2]
-
-
-def _sv_impl(c, y, w, **kw):
-    return losses.sv_softmax_loss(c, y, where=w, **kw)
-
-
-def _sv_ref(c, y, w, **kw):
-    return ref.sv_softmax_loss(c, y, where=w, **kw)
-
-
-def _mv_impl(c, y, w, **kw):
-    return losses.mv_softmax_loss(c, y, where=w, **kw)
-
-
-def _mv_ref(c, y, w, **kw):
-    return ref.mv_softmax_loss(c, y, where=w, **kw)
 
 
 def _focal_margin_impl(c, y, w):

@@ -72,14 +72,20 @@ def embeddings_array(x, name: str, fn: str, *, dtype=np.float64) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def label_codes(labels, name: str, fn: str, *, n: int, ref: str, ref_shape: tuple):
-    """1-D labels of length n (any hashable dtype) -> (codes [n] int, counts [C])."""
-    arr = np.asarray(labels)
+def _vector(x, name: str, fn: str, *, n: int, ref: str, ref_shape: tuple, dim: str):
+    """``x`` as a NumPy array of shape (n,), the length of ``ref``'s first axis."""
+    arr = np.asarray(x)
     if arr.shape != (n,):
         raise ValueError(
-            f"{fn}: `{name}` must have shape [N] = ({n},) to match `{ref}` of shape "
-            f"{tuple(ref_shape)}; got `{name}` shape {arr.shape}."
+            f"{fn}: `{name}` must have shape [{dim}] = ({n},) to match `{ref}` of "
+            f"shape {tuple(ref_shape)}; got `{name}` shape {arr.shape}."
         )
+    return arr
+
+
+def label_codes(labels, name: str, fn: str, *, n: int, ref: str, ref_shape: tuple):
+    """1-D labels of length n (any hashable dtype) -> (codes [n] int, counts [C])."""
+    arr = _vector(labels, name, fn, n=n, ref=ref, ref_shape=ref_shape, dim="N")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ValueError(f"{fn}: `{name}` contains NaN or inf.")
     _, codes, counts = np.unique(arr, return_inverse=True, return_counts=True)
@@ -88,12 +94,7 @@ def label_codes(labels, name: str, fn: str, *, n: int, ref: str, ref_shape: tupl
 
 def bool_vector(x, name: str, fn: str, *, n: int, ref: str, ref_shape: tuple):
     """issame-style vector of length n: bool, or integers that are all 0/1."""
-    arr = np.asarray(x)
-    if arr.shape != (n,):
-        raise ValueError(
-            f"{fn}: `{name}` must have shape [P] = ({n},) to match `{ref}` of shape "
-            f"{tuple(ref_shape)}; got `{name}` shape {arr.shape}."
-        )
+    arr = _vector(x, name, fn, n=n, ref=ref, ref_shape=ref_shape, dim="P")
     if arr.dtype != np.bool_:
         if not np.issubdtype(arr.dtype, np.number) or not np.isin(arr, (0, 1)).all():
             raise TypeError(

@@ -151,7 +151,7 @@ def split_pairs(embeddings) -> tuple[np.ndarray, np.ndarray]:
     return arr[0::2], arr[1::2]
 
 
-def _check_pairs(emb1, emb2, issame, fn):
+def _pair_embeddings(emb1, emb2, fn):
     e1 = _checks.embeddings_array(emb1, "emb1", fn)
     e2 = _checks.embeddings_array(emb2, "emb2", fn)
     if e1.shape != e2.shape:
@@ -160,6 +160,11 @@ def _check_pairs(emb1, emb2, issame, fn):
             f"each is pair i); got `emb1` shape {e1.shape} and `emb2` shape "
             f"{e2.shape}."
         )
+    return e1, e2
+
+
+def _check_pairs(emb1, emb2, issame, fn):
+    e1, e2 = _pair_embeddings(emb1, emb2, fn)
     same = _checks.bool_vector(
         issame, "issame", fn, n=e1.shape[0], ref="emb1", ref_shape=e1.shape
     )
@@ -184,14 +189,7 @@ def pair_similarity(emb1, emb2) -> np.ndarray:
       >>> pair_similarity(np.array([[1.0, 0.0]]), np.array([[3.0, 3.0]])).round(4)
       array([0.7071])
     """
-    fn = "pair_similarity"
-    e1 = _checks.embeddings_array(emb1, "emb1", fn)
-    e2 = _checks.embeddings_array(emb2, "emb2", fn)
-    if e1.shape != e2.shape:
-        raise ValueError(
-            f"{fn}: `emb1` and `emb2` must have the same shape [P, D]; got `emb1` "
-            f"shape {e1.shape} and `emb2` shape {e2.shape}."
-        )
+    e1, e2 = _pair_embeddings(emb1, emb2, "pair_similarity")
     s = np.einsum("ij,ij->i", _normalize_rows(e1), _normalize_rows(e2))
     return np.clip(s, -1.0, 1.0)
 
