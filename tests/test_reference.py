@@ -211,8 +211,8 @@ def _named_cases() -> list[Case]:
     cases = [
         Case(
             "normface",
-            lambda c, y, w: losses.normface_loss(c, y, where=w),
-            lambda c, y, w: ref.normface_loss(c, y, where=w),
+            _with_where(losses.normface_loss),
+            _with_where(ref.normface_loss),
             64.0,
         ),
         Case(
@@ -223,8 +223,8 @@ def _named_cases() -> list[Case]:
         ),
         Case(
             "cosface",
-            lambda c, y, w: losses.cosface_loss(c, y, where=w),
-            lambda c, y, w: ref.cosface_loss(c, y, where=w),
+            _with_where(losses.cosface_loss),
+            _with_where(ref.cosface_loss),
             64.0,
             target_value=_val(ref.cosface_target, margin=0.35),
         ),
@@ -292,7 +292,7 @@ def _named_cases() -> list[Case]:
             lambda c, y, w: losses.adacos_loss(
                 c, y, scale=adaptive.adacos_fixed_scale(NUM_CLASSES), where=w
             ),
-            lambda c, y, w: ref.adacos_loss(c, y, scale=fixed_s, where=w),
+            _with_where(ref.adacos_loss, scale=fixed_s),
             fixed_s,
         ),
         Case(
@@ -593,8 +593,8 @@ def _logits_batch(seed: int = 0, n_valid: int = 9):
 def test_focal_loss_matches_reference(gamma):
     logits, labels, where = _logits_batch()
     check_case(
-        lambda z, y, w: losses.focal_loss(z, y, gamma=gamma, where=w),
-        lambda z, y, w: ref.focal_loss(z, y, gamma=gamma, where=w),
+        _with_where(losses.focal_loss, gamma=gamma),
+        _with_where(ref.focal_loss, gamma=gamma),
         logits,
         labels,
         where,
@@ -605,8 +605,8 @@ def test_focal_loss_matches_reference(gamma):
 def test_softmax_loss_matches_reference():
     logits, labels, where = _logits_batch(seed=4)
     check_case(
-        lambda z, y, w: losses.softmax_loss(z, y, where=w),
-        lambda z, y, w: ref.softmax_loss(z, y, where=w),
+        _with_where(losses.softmax_loss),
+        _with_where(ref.softmax_loss),
         logits,
         labels,
         where,
@@ -628,8 +628,8 @@ def test_focal_weight_matches_reference():
 def test_hard_mining_loss_matches_reference(keep_ratio):
     logits, labels, where = _logits_batch(seed=1)
     check_case(
-        lambda z, y, w: losses.hard_mining_loss(z, y, keep_ratio=keep_ratio, where=w),
-        lambda z, y, w: ref.hard_mining_loss(z, y, keep_ratio=keep_ratio, where=w),
+        _with_where(losses.hard_mining_loss, keep_ratio=keep_ratio),
+        _with_where(ref.hard_mining_loss, keep_ratio=keep_ratio),
         logits,
         labels,
         where,
@@ -662,8 +662,8 @@ def test_hard_mining_ties_go_to_lower_index(keep_ratio):
     expected = {0.3: [0, 5], 0.5: [0, 1, 3, 5]}[keep_ratio]
     assert list(np.flatnonzero(keep)) == expected
     check_case(
-        lambda z, y, w: losses.hard_mining_loss(z, y, keep_ratio=keep_ratio, where=w),
-        lambda z, y, w: ref.hard_mining_loss(z, y, keep_ratio=keep_ratio, where=w),
+        _with_where(losses.hard_mining_loss, keep_ratio=keep_ratio),
+        _with_where(ref.hard_mining_loss, keep_ratio=keep_ratio),
         logits,
         labels,
         where,
