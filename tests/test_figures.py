@@ -114,3 +114,90 @@ def test_config_id_changes_with_the_config():
         a.copy_and_resolve_references()
     )
     assert hypersphere.config_id(a) != hypersphere.config_id(b)
+
+
+def test_target_curves_are_the_papers_formulas():
+    theta = np.radians([0.0, 60.0, 160.0])
+    curves = zoo.target_curves(theta)
+    by_start = {name.split(":")[0].split(",")[0]: f for name, f in curves.items()}
+    np.testing.assert_allclose(by_start["CosFace"], np.cos(theta) - 0.35, atol=1e-6)
+    arc = curves["ArcFace: cos(θ + 0.5)"]
+    naive = curves["cos(θ + 0.5) without the fallback"]
+    np.testing.assert_allclose(arc[:2], np.cos(theta[:2] + 0.5), atol=1e-6)
+    # Past π − m the fallback c − m·sin m keeps f decreasing; cos(θ + m) turns up.
+    np.testing.assert_allclose(arc[2], np.cos(theta[2]) - 0.5 * np.sin(0.5), atol=1e-6)
+    assert naive[2] > np.cos(np.pi) and arc[2] < naive[2]
+    sphere = zoo.sphereface_curves(np.array([0.0, np.pi]), lambdas=(0.0,))
+    for m in (2, 3, 4):  # ψ(0) = 1, ψ(π) = 1 − 2m
+        np.testing.assert_allclose(
+            sphere[f"m = {m}, λ = 0"], [1.0, 1 - 2 * m], atol=1e-5
+        )
+
+
+def test_non_target_stages_move_only_support_vectors():
+    cos = jnp.array([[-0.5, 0.1, 0.3, 0.9]])
+    target = jnp.array([[0.2]])
+    for name, stage in zoo.non_target_stages(target=0.2).items():
+        z = np.asarray(stage(cos, target))[0]
+        np.testing.assert_allclose(z[:2], [-0.5, 0.1], err_msg=name)  # below f
+        assert not np.allclose(z[2:], [0.3, 0.9]), name
+
+
+def test_reweighting_gradients_sv_focal_and_hard_mining():
+    from train.figures import support_vectors
+
+    # Row 0: class 2 beats the margined target (a support vector); row 1 easy.
+    cos = jnp.array([[0.5, 0.1, 0.6, -0.2], [0.95, -0.3, 0.0, -0.1]])
+    labels = jnp.array([0, 0])
+    grads = support_vectors.non_target_gradients(cos, labels, scale=16.0, margin=0.5)
+    base, sv, focal, hm = (np.abs(g) for g in grads.values())
+    assert sv[0, 2] > base[0, 2] and sv[0, 1] < base[0, 1]  # SV takes the share
+    np.testing.assert_allclose(sv[1], base[1], rtol=1e-5)  # no SV: unchanged
+    assert np.all(focal[1, 1:] < 0.5 * base[1, 1:])  # the easy row fades
+    assert np.all(hm[1] == 0) and np.allclose(hm[0], base[0], rtol=1e-5)
+
+
+def test_arcface_exact_and_straight_through_target_gradients():
+    theta = np.array([0.3, 1.0, 2.0])
+    grads = gradients.arcface_target_gradients(theta, margin=0.5)
+    exact, straight = grads.values()
+    want = np.cos(0.5) + np.sin(0.5) * np.cos(theta) / np.sin(theta)
+    np.testing.assert_allclose(exact, want, rtol=1e-4)
+    np.testing.assert_allclose(straight, 1.0)
+
+
+@pytest.fixture
+def figure_dirs(monkeypatch, tmp_path):
+    monkeypatch.setenv(figures.DATA_ENV, str(tmp_path / "tfds"))
+    monkeypatch.setenv("MARGIN_JAX_RUNS", str(tmp_path / "runs"))
+    return tmp_path
+
+
+def test_hypersphere_run_embeds_every_digit_and_is_cached(figure_dirs):
+    from train.figures import hypersphere
+
+    run = hypersphere.train_run("arcface", 2, steps=2)
+    assert run.train_embeddings.shape[1] == 2 and run.centres.shape == (7, 2)
+    assert set(run.train_labels) == set(range(7))
+    assert set(run.held_out_labels) == {7, 8, 9}
+    assert 0.0 <= run.results["verification_accuracy"] <= 1.0
+    again = hypersphere.train_run("arcface", 2, steps=2)  # resumed, not retrained
+    np.testing.assert_array_equal(again.train_embeddings, run.train_embeddings)
+    assert "| ArcFace |" in hypersphere.accuracy_table({("arcface", 2): run})
+
+
+def test_support_vector_snapshots_follow_training(figure_dirs):
+    from train.figures import support_vectors
+
+    snapshots, loss = support_vectors.train_snapshots(steps=4, every=2)
+    assert [s.step for s in snapshots] == [0, 2, 4]
+    assert snapshots[0].cos.shape == (21, 7)
+    assert list(snapshots[0].labels) == sorted(snapshots[0].labels)
+    assert loss["name"] == "sv_softmax"
+    assert snapshots[0].sv_fraction > 0.5  # at initialisation nearly all are SVs
+    assert support_vectors.nearest(snapshots, (0.0, 1.0)) == [
+        snapshots[0],
+        snapshots[-1],
+    ]
+    chosen = support_vectors.with_support_vectors(snapshots, 0.0)
+    assert chosen.sv_fraction == min(s.sv_fraction for s in snapshots)
