@@ -114,15 +114,9 @@ class Run:
 
 def run_config(method: str, dim: int, *, steps: int, seed: int = 0):
     """The family config of ``method`` with ``dim``-D embeddings and ``steps``."""
-    config = compare.method_config(
-        method, seed=seed, steps=steps, data_dir=figures.data_dir()
-    )
+    config = figures.short_config(method, steps=steps, every=steps, seed=seed)
     config.loss.update(OVERRIDES.get(method, {}))
     config.embedding_dim = dim
-    config.checkpoint_every_steps = steps
-    config.keep_checkpoints = 1
-    config.log_every_steps = max(1, min(config.log_every_steps, steps))
-    config.warmup_steps = min(config.warmup_steps, max(1, steps // 10))
     return config
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margin_jax as mj
-from train import compare, figures, input_pipeline
+from train import figures, input_pipeline
 from train import train as train_lib
 from train.figures import _plot
 from train.figures.hypersphere import config_id, runs_dir
@@ -37,14 +37,7 @@ class Snapshot:
 
 def sv_config(*, steps: int, every: int, seed: int = 0):
     """train/configs/sv_softmax.py with a checkpoint every ``every`` steps, all kept."""
-    config = compare.method_config(
-        "sv_softmax", seed=seed, steps=steps, data_dir=figures.data_dir()
-    )
-    config.checkpoint_every_steps = every
-    config.keep_checkpoints = steps // every + 1
-    config.log_every_steps = every
-    config.warmup_steps = min(config.warmup_steps, max(1, steps // 10))
-    return config
+    return figures.short_config("sv_softmax", steps=steps, every=every, seed=seed)
 
 
 def fixed_batch(data: input_pipeline.Dataset, *, per_class: int = 3, seed: int = 0):
