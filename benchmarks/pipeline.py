@@ -60,7 +60,10 @@ def main():
     loss_fn = train.make_loss_fn(config, config.num_train_classes)
     batches = [
         input_pipeline.shard(
-            input_pipeline.get_batch(data, np.arange(config.batch_size) + i),
+            {
+                "image": data.images[np.arange(config.batch_size) + i],
+                "label": data.labels[np.arange(config.batch_size) + i],
+            },
             len(devices),
         )
         for i in range(args.steps)

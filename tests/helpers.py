@@ -162,3 +162,36 @@ STAGES = {
         64.0,
     ),
 }
+
+
+# --------------------------------------------------------------------------- #
+# Training runs (train/): what a finished run left in its workdir
+# --------------------------------------------------------------------------- #
+
+
+def final_state(workdir, config, image_shape=(8, 8, 1), num_classes=7):
+    """(latest step, host TrainState) of the run in ``workdir``."""
+    import os
+
+    import jax
+
+    from train import checkpoint, train
+
+    tx, _ = train.create_optimizer(config)
+    _, _, like = train.create_train_state(config, image_shape, num_classes, tx)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=1, keep=9
+    )
+    try:
+        return ckpt.latest_step(), jax.device_get(ckpt.restore(like))
+    finally:
+        ckpt.close()
+
+
+def metrics_records(workdir) -> list[dict]:
+    """The records of ``workdir``/metrics.jsonl."""
+    import json
+    import os
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -42,8 +42,15 @@ def _assert_close(a, b, rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
-@pytest.mark.parametrize("chunk", [5, 8, 37, 64])
+# Every loss with blocks that do not divide C (5); the block loop's edge cases
+# (8: another remainder, 37: one block, 64 > C) are the same code for every
+# stage, so they run for a target-only and a non-target (mask) loss.
+_CHUNK_CASES = [(name, 5) for name in sorted(STAGES)] + [
+    (name, chunk) for name in ("arcface", "sv_arc") for chunk in (8, 37, 64)
+]
+
+
+@pytest.mark.parametrize("name, chunk", _CHUNK_CASES)
 def test_chunked_equals_dense(name, chunk):
     # 37 classes: chunk 5 and 8 do not divide C, 37 is one block, 64 > C.
     x, w, y = _data()

@@ -24,7 +24,7 @@ FAMILIES = sorted(
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.load_dataset("margin_jax_digits", path)
+    input_pipeline.open_source("margin_jax_digits", path)
     return path
 
 

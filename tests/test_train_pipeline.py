@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint, input_pipeline, train
+from tests import helpers
+from train import input_pipeline, train
 from train.configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.load_dataset("margin_jax_digits", path)  # prepare once
+    input_pipeline.open_source("margin_jax_digits", path)  # prepare once
     return path
 
 
@@ -29,23 +30,6 @@ def _config(data_dir, **overrides):
     return config
 
 
-def _final_state(workdir, config):
-    tx, _ = train.create_optimizer(config)
-    _, _, like = train.create_train_state(config, (8, 8, 1), 7, tx)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=1, keep=10
-    )
-    try:
-        return ckpt.latest_step(), jax.device_get(ckpt.restore(like))
-    finally:
-        ckpt.close()
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_two_steps_end_to_end_on_8_devices(data_dir, tmp_path):
     assert jax.local_device_count() == 8
     config = _config(data_dir, num_train_steps=2, plots=True)
@@ -53,7 +37,7 @@ def test_two_steps_end_to_end_on_8_devices(data_dir, tmp_path):
     assert 0.0 <= results["verification_accuracy"] <= 1.0
     for name in ("eval.json", "report.md", "roc.png", "embeddings.png"):
         assert (tmp_path / name).exists(), name
-    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
+    assert [r["step"] for r in helpers.metrics_records(tmp_path)] == [1, 2]
     assert set(json.loads((tmp_path / "eval.json").read_text())) >= {
         "verification_accuracy",
         "tar_at_far",
@@ -61,27 +45,6 @@ def test_two_steps_end_to_end_on_8_devices(data_dir, tmp_path):
         "map_at_r",
         "nmi",
     }
-
-
-def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
-    config = _config(data_dir, num_train_steps=4, checkpoint_every_steps=2)
-    config.loss = {"name": "adacos"}  # loss state must survive the restart too
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.train_and_evaluate(config, whole)
-    # "Killed" after step 3: the last checkpoint is step 2, step 3 is redone.
-    assert train.train_and_evaluate(config, parts, max_steps=3) == {}
-    assert _final_state(parts, config)[0] == 2
-    train.train_and_evaluate(config, parts)
-    (step_a, state_a), (step_b, state_b) = (
-        _final_state(whole, config),
-        _final_state(parts, config),
-    )
-    assert step_a == step_b == 4
-    jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
-    assert _metrics(whole) == [
-        {**r, "images_per_sec": a["images_per_sec"]}
-        for r, a in zip(_metrics(parts), _metrics(whole), strict=True)
-    ]
 
 
 def _param_leaves(model):
@@ -94,7 +57,7 @@ def test_restore_model_latest_a_step_or_the_initialisation(data_dir, tmp_path):
     config = _config(data_dir, num_train_steps=4, checkpoint_every_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
     latest = train.restore_model(config, str(tmp_path), (8, 8, 1))
-    _, state = _final_state(str(tmp_path), config)
+    _, state = helpers.final_state(str(tmp_path), config)
     for a, b in zip(_param_leaves(latest), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
     tx, _ = train.create_optimizer(config)
@@ -127,7 +90,7 @@ def test_to_devices_places_the_state_as_the_step_returns_it(data_dir):
         graphdef, tx, train.make_loss_fn(config, 7), devices, num_classes=7
     )
     data, _ = train.load_data(config)
-    batch = input_pipeline.get_batch(data, np.arange(config.batch_size))
+    batch = {"image": data.images[:16], "label": data.labels[:16]}
     out, _ = p_step(p_state, input_pipeline.shard(batch, len(devices)))
     assert placed == [x.sharding for x in jax.tree.leaves(out)]
 
@@ -138,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     )
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
         train.train_and_evaluate(config, str(tmp_path))
-    step, state = _final_state(str(tmp_path), config)
+    step, state = helpers.final_state(str(tmp_path), config)
     assert step is not None
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
@@ -158,6 +121,8 @@ def test_bad_choices_list_valid_ones(data_dir, tmp_path):
     [
         ("--config.loss.name=nope", "valid choices for config.loss.name"),
         ("--config.loss.scael=1", "valid choices: margin, name, scale"),
+        ("--config.val_targets=('nope/lfw.bin',)", "config.val_targets: no file"),
+        ("--config.dataset=insightface_recordio/16x16", "train.prepare_recordio"),
     ],
 )
 def test_cli_bad_override_fails_with_choices(tmp_path, override, message):
@@ -170,6 +135,7 @@ def test_cli_bad_override_fails_with_choices(tmp_path, override, message):
             os.path.join(ROOT, "train/configs/tiny.py"),
             "--workdir",
             str(tmp_path),
+            f"--config.data_dir={tmp_path / 'tfds'}",
             override,
         ],
         cwd=ROOT,

@@ -1,11 +1,12 @@
 """train.recordio and train.recordio_builder: insightface .rec/.idx sets."""
 
+import os
 import struct
 
 import numpy as np
 import pytest
 
-from train import input_pipeline, recordio, recordio_builder
+from train import input_pipeline, prepare_recordio, recordio, recordio_builder
 
 LABELS = [0] * 4 + [1] * 4 + [2] * 4
 
@@ -162,29 +163,87 @@ def test_malformed_index_line(tmp_path):
 def test_tfds_builder_from_manual_dir(written, tmp_path):
     manual, images = written
     data_dir = str(tmp_path / "tfds")
-    builder = recordio_builder.prepare_recordio(manual, data_dir, image_size=16)
-    assert builder.is_prepared()
+    assert (
+        prepare_recordio.main(
+            [str(manual), "--data_dir", data_dir, "--image_size", "16"]
+        )
+        == 0
+    )
     # The input pipeline opens it by name, download=False semantics.
-    data = input_pipeline.load_dataset("insightface_recordio/16x16", data_dir)
-    assert data.images.shape == (12, 16, 16, 3) and data.images.dtype == np.uint8
-    assert sorted(data.labels.tolist()) == LABELS
+    records, labels = input_pipeline.open_source("insightface_recordio/16x16", data_dir)
+    assert records.spec.image_shape == (16, 16, 3)
+    assert sorted(labels.tolist()) == LABELS
+    decoded = records.read(np.arange(len(labels)))
+    assert decoded.shape == (12, 16, 16, 3) and decoded.dtype == np.uint8
     with _reader(manual) as reader:
         expected = [reader.read_image(k) for k in reader.image_keys]
+        encoded = {reader.read_encoded(k)[0] for k in reader.image_keys}
+    # The prepared set keeps the .rec's JPEG bytes as they are.
+    source = input_pipeline.get_builder(
+        "insightface_recordio/16x16", data_dir
+    ).as_data_source("train")
+    assert {source[i]["image"] for i in range(12)} == encoded
     # tfds shuffles the examples: match them up by content, labels must follow.
-    for image, label in zip(data.images, data.labels, strict=True):
+    for image, label in zip(decoded, labels, strict=True):
         i = int(np.argmin([np.abs(image.astype(int) - e).sum() for e, _ in expected]))
         np.testing.assert_array_equal(image, expected[i][0])
         assert label == expected[i][1] == LABELS[i]
         _assert_close(image, images[i])
 
 
+def test_prepared_set_is_about_the_size_of_the_rec(tmp_path):
+    images = _images(300, 32)
+    recordio.write_recordio(tmp_path / "train", images, [i % 6 for i in range(300)])
+    builder = recordio_builder.prepare_recordio(
+        tmp_path, str(tmp_path / "tfds"), image_size=32
+    )
+    stored = sum(
+        os.path.getsize(os.path.join(builder.data_dir, f))
+        for f in os.listdir(builder.data_dir)
+        if ".array_record" in f
+    )
+    rec = os.path.getsize(tmp_path / "train.rec")
+    decoded = 300 * 32 * 32 * 3  # 922 kB; array_record pads to 64 kB blocks
+    assert stored < rec + 2**17 < decoded / 2
+
+
 def test_tfds_builder_resizes_to_the_config(written, tmp_path):
     manual, _ = written
-    builder = recordio_builder.prepare_recordio(
-        manual, str(tmp_path), image_size=(8, 4)
+    recordio_builder.prepare_recordio(manual, str(tmp_path), image_size=(8, 4))
+    records, _ = input_pipeline.open_source("insightface_recordio/8x4", str(tmp_path))
+    assert records.read([0, 5]).shape == (2, 8, 4, 3)
+
+
+def test_corrupt_rec_stops_the_preparation_with_what_to_do(tmp_path, capsys):
+    def edit(raw, idx):
+        at = int(_offset(idx, 2))
+        return raw[:at] + b"\0\0\0\0" + raw[at + 4 :]
+
+    _corrupt(tmp_path, edit)
+    code = prepare_recordio.main([str(tmp_path), "--data_dir", str(tmp_path / "tfds")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "key 2: bad magic" in err and "Copy train.rec and train.idx again" in err
+    assert (
+        recordio_builder.prepared_builder(
+            "insightface_recordio/112x112", str(tmp_path / "tfds")
+        )
+        is None
     )
-    source = builder.as_data_source(split="train")
-    assert len(source) == 12 and source[0]["image"].shape == (8, 4, 3)
+
+
+def test_bad_image_bytes_stop_the_preparation(tmp_path, capsys):
+    recordio.write_recordio(tmp_path / "train", [b"not an image", b"x"], [0, 1])
+    code = prepare_recordio.main([str(tmp_path), "--data_dir", str(tmp_path / "tfds")])
+    assert code == 1
+    assert "key 1: the image bytes are not an image" in capsys.readouterr().err
+
+
+def test_image_size_argument():
+    assert prepare_recordio.parse_size("112") == (112, 112)
+    assert prepare_recordio.parse_size("112x96") == (112, 96)
+    with pytest.raises(Exception, match="S or HxW"):
+        prepare_recordio.parse_size("big")
 
 
 def test_tfds_builder_needs_the_files(tmp_path):
@@ -197,4 +256,5 @@ def test_not_prepared_gives_none_and_the_command(tmp_path):
     name = "insightface_recordio/64x64"
     assert recordio_builder.prepared_builder(name, str(tmp_path)) is None
     message = recordio_builder.prepare_message(name, str(tmp_path))
-    assert "prepare_recordio('MANUAL_DIR'" in message and "(64, 64)" in message
+    assert "python -m train.prepare_recordio MANUAL_DIR" in message
+    assert "--image_size 64x64" in message

@@ -40,8 +40,22 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Saves ``state`` (unreplicated) if ``step`` is due, or ``force``."""
+        """Saves ``state`` (unreplicated) if ``step`` is due, or ``force``.
+
+        The state is saved as host (NumPy) arrays: every process of a
+        multi-host run holds the same copy and orbax writes it once.
+        """
+        if not (force or self._manager.should_save(step)):
+            return False
+        state = jax.device_get(state)
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def due(self, step: int) -> bool:
+        """Whether `save` at ``step`` would write a checkpoint (without force)."""
+        return self._manager.should_save(step)
+
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
 
     def close(self) -> None:
         self._manager.wait_until_finished()

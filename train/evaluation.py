@@ -27,12 +27,15 @@ def _apply(eval_graphdef, params, batch_stats, x):
 def embed(eval_graphdef, params, batch_stats, images, *, batch_size=256):
     """Embeddings [N, D] (float32 NumPy) of uint8 images, model in eval mode.
 
-    Every block has ``batch_size`` rows (the last one padded), so one model
-    compiles once whatever N is.
+    ``images`` is an array [N, H, W, C] or an `input_pipeline.Subset`, read
+    ``batch_size`` images at a time (host memory: one block). Every block has
+    ``batch_size`` rows (the last one padded), so one model compiles once
+    whatever N is.
     """
+    read = images.read if hasattr(images, "read") else lambda i, j: images[i:j]
     chunks = []
     for i in range(0, len(images), batch_size):
-        block = input_pipeline.preprocess(images[i : i + batch_size])
+        block = input_pipeline.preprocess(read(i, i + batch_size))
         n = len(block)
         if n < batch_size:
             block = np.concatenate(
@@ -65,7 +68,7 @@ def make_pairs(labels: np.ndarray, num_pairs: int, seed: int):
 
 def evaluate_open_set(eval_graphdef, params, batch_stats, held_out, config) -> dict:
     """All open-set metrics as a JSON-ready dict (plus arrays for the plots)."""
-    emb = embed(eval_graphdef, params, batch_stats, held_out.images)
+    emb = embed(eval_graphdef, params, batch_stats, held_out)
     labels = held_out.labels
     first, second, issame = make_pairs(labels, config.eval_num_pairs, config.seed)
     verification = mj_eval.verification_accuracy(emb[first], emb[second], issame)

@@ -34,6 +34,9 @@ def _main(argv):
     import jax
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # Collectives across CPU processes (tests, hosts without accelerators);
+        # no effect on GPU/TPU devices.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
@@ -45,13 +48,38 @@ def _main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
 
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(
-        "Held-out verification accuracy: "
-        f"{results['verification_accuracy']:.4f} ± "
-        f"{results['verification_accuracy_std']:.4f} "
-        f"(report: {_WORKDIR.value}/report.md)"
-    )
+    from train import input_pipeline
+
+    try:
+        results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (input_pipeline.DatasetNotPreparedError, FileNotFoundError) as e:
+        # What to prepare or which file is missing: the message says it all.
+        sys.exit(f"train.main: {e}")
+    if jax.process_index() == 0:
+        print(summary(results, _WORKDIR.value))
+
+
+def summary(results: dict, workdir: str) -> str:
+    """The console lines of a finished run's results."""
+    lines = []
+    if "verification_accuracy" in results:
+        lines.append(
+            "Held-out verification accuracy: "
+            f"{results['verification_accuracy']:.4f} ± "
+            f"{results['verification_accuracy_std']:.4f}, Recall@1 "
+            f"{results['recall_at_k']['recall@1']:.4f}"
+        )
+    for name, v in results.get("val_targets", {}).items():
+        lines.append(
+            f"{name}: accuracy {v['accuracy']:.4f} ± {v['accuracy_std']:.4f} "
+            f"(best {v['best']:.4f}), xnorm {v['xnorm']:.2f}"
+        )
+    if "best_step" in results:
+        lines.append(
+            f"Best mean verification at step {results['best_step']} ({workdir}/best)"
+        )
+    lines.append(f"Report: {workdir}/report.md")
+    return "\n".join(lines)
 
 
 def _check_overrides(argv: list[str]) -> None:

@@ -255,8 +255,12 @@ class RecordIOReader:
         except ValueError as e:
             raise self._fail(key, f"malformed payload: {e}.") from None
 
-    def read_image(self, key: int) -> tuple[np.ndarray, int]:
-        """(uint8 [H, W, 3] RGB image, int class label) of image record ``key``."""
+    def read_encoded(self, key: int) -> tuple[bytes, int]:
+        """(encoded image bytes, int class label) of image record ``key``.
+
+        The image is not decoded; its header is checked (Pillow identifies
+        the format and size without reading the pixels).
+        """
         header, data = self.read_header(key)
         if not data:
             raise self._fail(
@@ -264,11 +268,23 @@ class RecordIOReader:
                 f"not an image record (flag {header.flag}, no image bytes); "
                 "the images are reader.image_keys.",
             )
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.size  # noqa: B018 - parsed from the header
+        except Exception as e:  # Pillow raises many types for bad data
+            raise self._fail(key, f"the image bytes are not an image: {e}") from e
+        return data, class_label(header)
+
+    def read_image(self, key: int) -> tuple[np.ndarray, int]:
+        """(uint8 [H, W, 3] RGB image, int class label) of image record ``key``."""
+        data, label = self.read_encoded(key)
         try:
             image = _decode_image(data)
         except Exception as e:  # Pillow raises many types for bad data
             raise self._fail(key, f"the image cannot be decoded: {e}") from e
-        return image, class_label(header)
+        return image, label
 
 
 def _encode_record(payload: bytes) -> bytes:

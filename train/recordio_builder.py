@@ -1,21 +1,26 @@
 """insightface RecordIO training sets (MS1MV2, Glint360K, ...) as a tfds builder.
 
 The user places ``train.rec`` and ``train.idx`` (see `train.recordio`) in the
-manual directory; the builder streams the images through
+manual directory; the builder streams the records through
 `train.recordio.RecordIOReader` (no mxnet, no TensorFlow, no network) and
-writes them as uint8 ``Tensor`` features [H, W, 3] in ``array_record`` files,
-with int64 labels. One split, ``train``; the open-set split by class is made
-by the input pipeline. Images of another size than the config's are resized
-(Pillow, bilinear).
+writes each image's encoded bytes as they are in the ``.rec`` (JPEG, as
+insightface stores them) with its int64 label in ``array_record`` files, so
+the prepared set is about the size of the ``.rec``. The input pipeline's
+workers decode them (`train.input_pipeline.decode_image`) and resize images
+of another size than the config's (Pillow, bilinear). One split, ``train``;
+the open-set split by class is made by the input pipeline from the label
+cache written after preparation (no image is read for it).
 
 Configs name the image size: ``112x112`` (the default; MS1MV2, MS1MV3,
 Glint360K, WebFace), ``112x96`` (SphereFace-style crops), ``32x32`` (CPU
 smoke runs); `prepare_recordio` makes any other size, which is then loadable
 by name (``insightface_recordio/64x64``) from the prepared files.
 
-Prepare it once with ``prepare_recordio(manual_dir, data_dir)``. Stored
-decoded, an image takes H * W * 3 bytes (37.6 kB at 112x112): about 220 GB
-for MS1MV2's 5.8M images, ten times the JPEG ``.rec``.
+Prepare it once with ``python -m train.prepare_recordio MANUAL_DIR --data_dir
+DATA_DIR [--image_size 112]`` (or ``prepare_recordio(manual_dir, data_dir)``).
+Every record's header is checked while it is written (a truncated or corrupt
+``.rec`` stops the preparation and names the record); images are decoded only
+when read for training.
 """
 
 from __future__ import annotations
@@ -64,23 +69,28 @@ class InsightfaceRecordIO(tfds.core.GeneratorBasedBuilder):
     """An insightface / MXNet RecordIO face-recognition training set."""
 
     name = NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release (decoded uint8 images).",
+        "2.0.0": "Encoded image bytes as in the .rec; decoded by the input pipeline.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     BUILDER_CONFIGS = [_config(112, 112), _config(112, 96), _config(32, 32)]
     DEFAULT_BUILDER_CONFIG_NAME = "112x112"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        shape = (self.builder_config.height, self.builder_config.width, 3)
+        shape = [self.builder_config.height, self.builder_config.width, 3]
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+                    # Encoded (JPEG) bytes; decoded to `image_shape` when read.
+                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
                     "label": tfds.features.Scalar(dtype=np.int64),
                 }
             ),
             supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(image_shape=shape),
             homepage="https://github.com/deepinsight/insightface",
             citation=(
                 "Deng, J., Guo, J., Xue, N. & Zafeiriou, S. (2019). ArcFace: "
@@ -99,20 +109,10 @@ class InsightfaceRecordIO(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(*paths)}
 
     def _generate_examples(self, path_rec, path_idx):
-        size = (self.builder_config.width, self.builder_config.height)
         with recordio.RecordIOReader(path_rec, path_idx) as reader:
             for key in reader.image_keys:
-                image, label = reader.read_image(key)
-                yield key, {"image": _resize(image, size), "label": label}
-
-
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if image.shape[1::-1] == size:
-        return image
-    from PIL import Image
-
-    resized = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+                data, label = reader.read_encoded(key)
+                yield key, {"image": data, "label": label}
 
 
 def prepare_recordio(
@@ -148,6 +148,10 @@ def prepare_recordio(
                 try_download_gcs=False,
             )
         )
+    from train import input_pipeline
+
+    # The label cache: the open-set split and the samplers read labels only.
+    input_pipeline.class_labels(builder, f"{NAME}/{name}", "train", "label")
     return builder
 
 
@@ -173,12 +177,12 @@ def prepared_builder(name: str, data_dir: str):
 def prepare_message(name: str, data_dir: str) -> str:
     """How to prepare ``name`` in ``data_dir`` (for DatasetNotPreparedError)."""
     height, _, width = _config_name(name).partition("x")
-    size = f"({height}, {width})" if height.isdigit() and width.isdigit() else "112"
+    size = f"{height}x{width}" if height.isdigit() and width.isdigit() else "112"
     return (
         f"The insightface RecordIO set {name!r} is not prepared in {data_dir!r}, "
         "and margin-jax never downloads data at run time. Put train.rec and "
         "train.idx in a directory MANUAL_DIR and prepare it once:\n"
-        '  python -c "from train import recordio_builder; recordio_builder.'
-        f"prepare_recordio('MANUAL_DIR', {data_dir!r}, image_size={size})\"\n"
+        f"  python -m train.prepare_recordio MANUAL_DIR --data_dir {data_dir} "
+        f"--image_size {size}\n"
         f"then use the name '{NAME}/<H>x<W>' (e.g. '{NAME}/112x112')."
     )

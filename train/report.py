@@ -30,54 +30,35 @@ def _plot_training(path, metrics_path):
 
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
-    steps = [r["step"] for r in records]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(steps, [r["loss"] for r in records])
-    a.set(xlabel="step", ylabel="loss", title="Training loss")
-    b.plot(steps, [r["accuracy"] for r in records])
-    b.set(xlabel="step", ylabel="accuracy", title="Training accuracy (closed set)")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val/mean_accuracy" in r]
+    fig, axes = plt.subplots(1, 3 if val else 2, figsize=(13 if val else 9, 3.5))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train])
+    axes[0].set(xlabel="step", ylabel="loss", title="Training loss")
+    axes[1].plot(steps, [r["accuracy"] for r in train])
+    axes[1].set(
+        xlabel="step", ylabel="accuracy", title="Training accuracy (closed set)"
+    )
+    if val:
+        names = sorted(
+            {k.split("/")[1] for r in val for k in r if k.endswith("/accuracy")}
+        )
+        for name in names:
+            key = f"val/{name}/accuracy"
+            points = [(r["step"], r[key]) for r in val if key in r]
+            axes[2].plot(*zip(*points, strict=True), marker="o", label=name)
+        axes[2].set(xlabel="step", ylabel="accuracy", title="Verification (10-fold)")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(workdir: str, results: dict, config) -> None:
-    """Writes eval.json, report.md, embeddings.png, roc.png, training.png."""
-    from margin_jax import eval as mj_eval
-
-    arrays = results.pop("_arrays")
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plots = {}
-    if config.plots:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        plots["embeddings"] = "embeddings.png"
-        _plot_embeddings(
-            os.path.join(workdir, plots["embeddings"]),
-            arrays["embeddings"],
-            arrays["labels"],
-        )
-        plots["roc"] = "roc.png"
-        fig = mj_eval.plot_roc(
-            arrays["scores"],
-            arrays["issame"],
-            os.path.join(workdir, plots["roc"]),
-            fars=(1e-2, 1e-1),
-            label=config.loss.name,
-            title="ROC, held-out identities",
-        )
-        matplotlib.pyplot.close(fig)
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(metrics_path):
-            plots["training"] = "training.png"
-            _plot_training(os.path.join(workdir, plots["training"]), metrics_path)
+def _open_set_lines(results: dict, config) -> list[str]:
     tar = ", ".join(f"{v:.4f} @ FAR {k}" for k, v in results["tar_at_far"].items())
     recall = ", ".join(f"{k} {v:.4f}" for k, v in results["recall_at_k"].items())
-    lines = [
-        f"# Open-set evaluation: {config.loss.name} on {config.dataset}",
-        "",
+    return [
         f"Trained {config.num_train_steps} steps on classes 0..."
         f"{config.num_train_classes - 1} (sorted); evaluated on held-out classes "
         f"{results['held_out_classes']} ({results['num_held_out_images']} images,"
@@ -97,6 +78,68 @@ def write_report(workdir: str, results: dict, config) -> None:
         f"| NMI | {results['nmi']:.4f} |",
         "",
     ]
+
+
+def _val_lines(results: dict, config) -> list[str]:
+    lines = [
+        "## Verification sets",
+        "",
+        f"At step {config.num_train_steps}, flip-fused embeddings, 10-fold "
+        f"protocol; best = highest accuracy at any evaluation. The checkpoint "
+        f"of the best mean accuracy ({results['best_step']}) is in best/.",
+        "",
+        "| target | accuracy | ± std | best | xnorm |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in results["val_targets"].items():
+        lines.append(
+            f"| {name} | {v['accuracy']:.4f} | {v['accuracy_std']:.4f} | "
+            f"{v['best']:.4f} | {v['xnorm']:.2f} |"
+        )
+    return [*lines, f"| mean | {results['val_mean_accuracy']:.4f} | | | |", ""]
+
+
+def write_report(workdir: str, results: dict, config) -> None:
+    """Writes eval.json, report.md and the plots (embeddings, roc, training)."""
+    from margin_jax import eval as mj_eval
+
+    arrays = results.pop("_arrays", None)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plots = {}
+    if config.plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        if arrays is not None:
+            plots["embeddings"] = "embeddings.png"
+            _plot_embeddings(
+                os.path.join(workdir, plots["embeddings"]),
+                arrays["embeddings"],
+                arrays["labels"],
+            )
+            plots["roc"] = "roc.png"
+            fig = mj_eval.plot_roc(
+                arrays["scores"],
+                arrays["issame"],
+                os.path.join(workdir, plots["roc"]),
+                fars=(1e-2, 1e-1),
+                label=config.loss.name,
+                title="ROC, held-out identities",
+            )
+            matplotlib.pyplot.close(fig)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            plots["training"] = "training.png"
+            _plot_training(os.path.join(workdir, plots["training"]), metrics_path)
+    lines = [f"# Evaluation: {config.loss.name} on {config.dataset}", ""]
+    if config.synthetic:
+        lines += ["Trained on synthetic images (throughput run).", ""]
+    if "verification_accuracy" in results:
+        lines += ["## Open set (held-out identities)", ""]
+        lines += _open_set_lines(results, config)
+    if "val_targets" in results:
+        lines += _val_lines(results, config)
     lines += [f"![{name}]({file})" for name, file in plots.items()]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,13 +1,22 @@
-"""Training loop: pure pmapped step, orbax checkpoints, open-set evaluation.
+"""Training loop: pure pmapped step, streamed input, orbax checkpoints, evaluation.
 
 `train_and_evaluate(config, workdir)` is the whole job; `train.main` only
 parses flags. The step is one pure function ``(state, batch) -> (state,
 metrics)`` over the `TrainState` pytree, wrapped in ``jax.pmap`` over all local
-devices with axis name ``'batch'``: gradients, batch-norm statistics and the
-loss statistics (AdaCos scale, CurricularFace t, hard-mining ranks, centre
-updates, triplet mining) are reduced over that axis, so the result equals one
-device on the global batch. Two-head models (Taha et al.) also give classifier
-logits, which the loss reads from `losses_table.LossInputs.logits`.
+devices (all devices of all processes in a multi-host run) with axis name
+``'batch'``: gradients, batch-norm statistics and the loss statistics (AdaCos
+scale, CurricularFace t, hard-mining ranks, centre updates, triplet mining) are
+reduced over that axis, so the result equals one device on the global batch.
+Two-head models (Taha et al.) also give classifier logits, which the loss reads
+from `losses_table.LossInputs.logits`.
+
+The batches come from the Grain stream of `train.input_pipeline` (each process
+reads its slice of every global batch) or, with ``config.synthetic``, are made
+on the devices. Evaluation: the open-set metrics on held-out identities
+(`train.evaluation`) and the ``config.val_targets`` verification sets
+(`train.validation`, best step kept in ``<workdir>/best``). Process 0 writes
+metrics.jsonl, TensorBoard and the report; every process takes part in the
+checkpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +36,15 @@ import optax
 from flax import nnx
 
 import margin_jax as mj
-from train import checkpoint, evaluation, input_pipeline, losses_table, models, report
+from train import (
+    checkpoint,
+    evaluation,
+    input_pipeline,
+    losses_table,
+    models,
+    report,
+    validation,
+)
 
 AXIS_NAME = "batch"
 OPTIMIZERS = ("sgd", "adamw")
@@ -192,6 +209,8 @@ def train_step(
     gradients are summed over devices and W's stay on their own device.
     """
     images, labels = batch["image"], batch["label"]
+    if images.dtype == jnp.uint8:  # the input stream's images, mapped on device
+        images = input_pipeline.preprocess(images)
     chex.assert_rank(images, 4)
     chex.assert_rank(labels, 1)
     chex.assert_equal_shape_prefix([images, labels], 1)
@@ -282,7 +301,10 @@ def train_step(
 def make_p_train_step(
     graphdef, tx, loss_fn, devices=None, head="dense", num_classes=None
 ):
-    """The train step pmapped over ``devices`` (default: all local devices)."""
+    """The train step pmapped over ``devices``.
+
+    None: pmap's default, every device of every process (multi-host runs).
+    """
     step = functools.partial(
         train_step,
         graphdef=graphdef,
@@ -405,18 +427,28 @@ def unreplicate(tree):
 
 
 class MetricWriter:
-    """Appends metrics to DIR/metrics.jsonl (and TensorBoard if available)."""
+    """Appends metrics to DIR/metrics.jsonl (and TensorBoard if available).
 
-    def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool):
+    On resume the records after the checkpoint are dropped (they are redone),
+    so the log holds every step once. ``records`` are the records kept. Only
+    the writing process (process 0 of a multi-host run) touches the files.
+    """
+
+    def __init__(
+        self, workdir: str, *, resume_step: int, tensorboard: bool, write: bool = True
+    ):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        # Drop records written after the checkpoint we resume from.
+        self.write_files = write
+        self.records = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [r for r in f if json.loads(r)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+                lines = [r for r in f if json.loads(r)["step"] <= resume_step]
+            self.records = [json.loads(r) for r in lines]
+            if write:
+                with open(self.path, "w") as f:
+                    f.writelines(lines)
         self._tb = None
-        if tensorboard:
+        if tensorboard and write:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
@@ -426,6 +458,9 @@ class MetricWriter:
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        if not self.write_files:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -446,16 +481,41 @@ def _progress(total, initial, enabled):
     )
 
 
-def load_data(config) -> tuple[input_pipeline.Dataset, input_pipeline.Dataset]:
-    """(training classes, held-out classes) of the config's data set, in memory."""
-    data = input_pipeline.load_dataset(
+def open_data(config):
+    """(train subset, held-out subset or None) of the config's data set.
+
+    Labels only: the images are read by the input stream (or `Subset.read`).
+    """
+    records, labels = input_pipeline.open_source(
         config.dataset,
         config.data_dir,
         split=config.split,
         image_key=config.image_key,
         label_key=config.label_key,
     )
-    return input_pipeline.open_set_split(data, config.num_train_classes)
+    # Every class may train when the run is judged on verification sets.
+    rows, remap, held = input_pipeline.open_set_split(
+        labels, config.num_train_classes, allow_all=bool(config.val_targets)
+    )
+    train = input_pipeline.Subset(records, rows, remap)
+    held_out = input_pipeline.Subset(records, held, labels[held]) if len(held) else None
+    return train, held_out
+
+
+def load_data(config) -> tuple[input_pipeline.Dataset, input_pipeline.Dataset | None]:
+    """(training classes, held-out classes) with their images in memory.
+
+    For small sets (figures, notebooks); training streams instead.
+    """
+    train, held_out = open_data(config)
+    return train.load(), held_out.load() if held_out is not None else None
+
+
+def image_shape_of(config) -> tuple[int, int, int]:
+    """(H, W, C) of the model's input: the data set's, or the synthetic one's."""
+    if config.synthetic:
+        return tuple(config.synthetic_image_shape)
+    return open_data(config)[0].image_shape
 
 
 def restore_model(config, workdir: str, image_shape=None, *, step: int | None = None):
@@ -469,8 +529,9 @@ def restore_model(config, workdir: str, image_shape=None, *, step: int | None = 
 
     Args:
       config: the config the run was trained with.
-      workdir: the run's directory.
-      image_shape: (H, W, C) of the images; default: read from the data set.
+      workdir: the run's directory; ``workdir/best`` restores the best
+        verification step of a run with ``config.val_targets``.
+      image_shape: (H, W, C) of the images; default: the data set's.
       step: a saved step, 0, or None for the latest.
 
     Raises:
@@ -482,8 +543,8 @@ def restore_model(config, workdir: str, image_shape=None, *, step: int | None = 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"restore_model: no run directory {workdir!r}.")
     if image_shape is None:
-        image_shape = load_data(config)[0].images.shape[1:]
-    sharded = config.get("head", "dense") == "sharded"
+        image_shape = image_shape_of(config)
+    sharded = config.head == "sharded"
     tx, _ = create_optimizer(config)
     _, eval_graphdef, state = create_train_state(
         config,
@@ -492,9 +553,10 @@ def restore_model(config, workdir: str, image_shape=None, *, step: int | None = 
         tx,
         num_shards=len(jax.local_devices()) if sharded else None,
     )
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=1, keep=None
-    )
+    directory = workdir
+    if os.path.basename(os.path.normpath(workdir)) != "best":
+        directory = os.path.join(workdir, "checkpoints")
+    ckpt = checkpoint.Checkpointer(directory, every=1, keep=None)
     try:
         steps = ckpt.all_steps()
         if step == 0 and 0 not in steps:
@@ -524,6 +586,43 @@ def restore_model(config, workdir: str, image_shape=None, *, step: int | None = 
     return nnx.merge(eval_graphdef, state.params, state.batch_stats)
 
 
+def synthetic_batches(config, image_shape, devices, start: int, stop: int):
+    """Random uint8 images and labels made on the devices, one batch a step.
+
+    ``config.synthetic``: the model, loss and step are the real ones and no
+    data set is read, so the throughput is the devices' alone.
+    """
+    per_device = config.batch_size // (len(devices) * jax.process_count())
+
+    def make(key):
+        images_key, labels_key = jax.random.split(key)
+        images = jax.random.randint(images_key, (per_device, *image_shape), 0, 256)
+        labels = jax.random.randint(
+            labels_key, (per_device,), 0, config.num_train_classes
+        )
+        return {"image": images.astype(jnp.uint8), "label": labels.astype(jnp.int32)}
+
+    p_make = jax.pmap(make, devices=_pmap_devices(devices))
+    base = jax.random.fold_in(jax.random.PRNGKey(config.seed), jax.process_index())
+    for step in range(start, stop):
+        yield p_make(jax.random.split(jax.random.fold_in(base, step), len(devices)))
+
+
+def _pmap_devices(devices):
+    """pmap's devices: these local ones, or all when several processes run."""
+    return devices if jax.process_count() == 1 else None
+
+
+def _check_batch(config, devices) -> None:
+    total = len(devices) * jax.process_count()
+    if config.batch_size % total:
+        raise ValueError(
+            f"config.batch_size {config.batch_size} is not divisible by the "
+            f"{total} devices ({jax.process_count()} processes x {len(devices)} "
+            "local devices); the global batch is split evenly over them."
+        )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None
 ) -> dict:
@@ -531,7 +630,9 @@ def train_and_evaluate(
 
     Args:
       config: see train/configs/default.py.
-      workdir: checkpoints, metrics.jsonl, eval.json, report.md and plots.
+      workdir: checkpoints, metrics.jsonl, eval.json, report.md and plots
+        (with config.val_targets also best/, the best verification step). A
+        multi-host run needs one workdir that every process sees.
       max_steps: stop after this global step without evaluating (simulates an
         interruption; the schedule still follows config.num_train_steps).
 
@@ -541,25 +642,41 @@ def train_and_evaluate(
     Raises:
       NonFiniteLossError: the loss became NaN/inf (no checkpoint of that state).
       input_pipeline.DatasetNotPreparedError: the data set is not on disk.
+      FileNotFoundError: a config.val_targets file does not exist.
       ValueError: a bad config choice (the message lists valid choices).
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    train_data, held_out = load_data(config)
-    sampler = input_pipeline.BatchSampler(
-        train_data.labels,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        sampler=config.sampler,
-        images_per_class=config.images_per_class,
-    )
     devices = jax.local_devices()
-    head = config.get("head", "dense")
+    _check_batch(config, devices)
+    head = config.head
     sharded = head == "sharded"
+    if sharded and jax.process_count() > 1:
+        raise ValueError(
+            "config.head='sharded' splits W over one process's devices; a "
+            "multi-host run uses head='dense' or 'chunked'."
+        )
+    writes = jax.process_index() == 0
+    validation.check_files(config.val_targets)  # before any data is prepared
+    os.makedirs(workdir, exist_ok=True)
+    if config.synthetic:
+        train_data, held_out = None, None
+        image_shape = tuple(config.synthetic_image_shape)
+    else:
+        train_data, held_out = open_data(config)
+        image_shape = train_data.image_shape
+    targets = validation.VerificationTargets(config.val_targets, image_shape)
+    if held_out is None and not targets and not config.synthetic:
+        raise ValueError(
+            "Nothing to evaluate: no identity is held out "
+            f"(config.num_train_classes={config.num_train_classes}"
+            + (", config.synthetic" if config.synthetic else "")
+            + ") and config.val_targets is empty. Hold classes out or give "
+            "verification sets (.bin files)."
+        )
     tx, schedule = create_optimizer(config)
     graphdef, eval_graphdef, state = create_train_state(
         config,
-        train_data.images.shape[1:],
+        image_shape,
         config.num_train_classes,
         tx,
         num_shards=len(devices) if sharded else None,
@@ -574,58 +691,110 @@ def train_and_evaluate(
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
     start = int(state.step)
-    writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+    writer = MetricWriter(
+        workdir, resume_step=start, tensorboard=config.tensorboard, write=writes
+    )
+    best = validation.BestTracker(workdir, writer.records, targets.names)
     p_step = make_p_train_step(
-        graphdef, tx, loss_fn, devices, head=head, num_classes=config.num_train_classes
+        graphdef,
+        tx,
+        loss_fn,
+        _pmap_devices(devices),
+        head=head,
+        num_classes=config.num_train_classes,
     )
     p_state = to_devices(state, devices, sharded=sharded)
-
     end = config.num_train_steps if max_steps is None else max_steps
-    bar = _progress(config.num_train_steps, start, config.progress_bar)
+    if end <= start:  # resumed at (or past) the last step: nothing to read
+        batches = iter(())
+    elif config.synthetic:
+        batches = synthetic_batches(config, image_shape, devices, start, end)
+    else:
+        sampler = input_pipeline.BatchSampler(
+            train_data.labels,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            sampler=config.sampler,
+            images_per_class=config.images_per_class,
+        )
+        read = input_pipeline.ReadBatch(
+            train_data,
+            sampler,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            random_flip=config.random_flip,
+        )
+        batches = input_pipeline.train_batches(
+            read, start, end, workers=config.data_workers
+        )
+    evaluator = _Evaluator(
+        eval_graphdef, config, sharded=sharded, channels=image_shape[-1]
+    )
+
+    def validate(done):
+        host = to_host(p_state, sharded=sharded)
+        results = evaluator.targets(host, targets)
+        record, improved = best.update(done, results)
+        writer.write(done, record)
+        if improved:
+            best.save(done, host, results, write=writes)
+        bar.write(
+            f"step {done}: "
+            + ", ".join(f"{n} {v['accuracy']:.4f}" for n, v in results.items())
+        )
+
+    bar = _progress(config.num_train_steps, start, config.progress_bar and writes)
     tick, ticked_step = time.perf_counter(), start
+
+    def finish(done, p_metrics):
+        """Fetches and checks a step's metrics; logs them when due."""
+        nonlocal tick, ticked_step
+        metrics = jax.device_get(unreplicate(p_metrics))
+        finite = metrics.pop("params_finite")
+        if not (np.isfinite(metrics["loss"]) and finite):
+            raise NonFiniteLossError(
+                f"Non-finite loss ({metrics['loss']}) or parameters at step "
+                f"{done}; training stopped. The last good checkpoint (step "
+                f"{ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
+                "config.learning_rate or the loss scale and rerun to resume."
+            )
+        bar.update(done - bar.n)
+        if done % config.log_every_steps == 0 or done == end:
+            now = time.perf_counter()
+            seconds_per_step = (now - tick) / max(done - ticked_step, 1)
+            metrics["learning_rate"] = schedule(done - 1)
+            metrics["images_per_sec"] = config.batch_size / seconds_per_step
+            metrics["eta_seconds"] = (config.num_train_steps - done) * seconds_per_step
+            tick, ticked_step = now, done
+            writer.write(done, metrics)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                acc=f"{metrics['accuracy']:.3f}",
+                img_s=f"{metrics['images_per_sec']:.0f}",
+                eta=_duration(metrics["eta_seconds"]),
+            )
+
     try:
         for step in range(start, end):
-            # Every process draws the same global batch and reads its own slice.
-            indices = input_pipeline.process_slice(
-                sampler(step), jax.process_index(), jax.process_count()
-            )
-            batch = input_pipeline.get_batch(train_data, indices)
-            p_state, p_metrics = p_step(
-                p_state, input_pipeline.shard(batch, len(devices))
-            )
-            metrics = jax.device_get(unreplicate(p_metrics))
+            batch = next(batches)
+            if not config.synthetic:
+                batch = input_pipeline.shard(batch, len(devices))
+            p_state, p_metrics = p_step(p_state, batch)
             done = step + 1
-            finite = metrics.pop("params_finite")
-            if not (np.isfinite(metrics["loss"]) and finite):
-                raise NonFiniteLossError(
-                    f"Non-finite loss ({metrics['loss']}) or parameters at step "
-                    f"{done}; training "
-                    "stopped. The last good checkpoint (step "
-                    f"{ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
-                    "config.learning_rate or the loss scale and rerun to resume."
+            # Checked every step, before the state may be saved. The stream's
+            # workers and prefetch thread read the next batches meanwhile.
+            finish(done, p_metrics)
+            val_due = config.val_every_steps and done % config.val_every_steps == 0
+            eval_due = config.eval_every_steps and done % config.eval_every_steps == 0
+            last = done == config.num_train_steps
+            if last or ckpt.due(done):
+                ckpt.save(done, to_host(p_state, sharded=sharded), force=last)
+            if targets and (val_due or last):
+                validate(done)
+            if held_out is not None and eval_due and not last:
+                results = evaluator.open_set(
+                    to_host(p_state, sharded=sharded), held_out
                 )
-            ckpt.save(
-                done,
-                to_host(p_state, sharded=sharded),
-                force=done == config.num_train_steps,
-            )
-            bar.update(1)
-            if done % config.log_every_steps == 0 or done == end:
-                now = time.perf_counter()
-                metrics["learning_rate"] = schedule(step)
-                metrics["images_per_sec"] = (
-                    (done - ticked_step) * config.batch_size / (now - tick)
-                )
-                tick, ticked_step = now, done
-                writer.write(done, metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}",
-                    acc=f"{metrics['accuracy']:.3f}",
-                    img_s=f"{metrics['images_per_sec']:.0f}",
-                )
-            every = config.get("eval_every_steps", 0)
-            if every and done % every == 0 and done < config.num_train_steps:
-                results = _evaluate(p_state, eval_graphdef, held_out, config, sharded)
                 scalars = {
                     f"eval_{k}": v
                     for k, v in results.items()
@@ -639,21 +808,72 @@ def train_and_evaluate(
                     f"Recall@1 {scalars['eval_recall_at_1']:.4f}"
                 )
     finally:
+        if hasattr(batches, "close"):
+            batches.close()
         bar.close()
         writer.close()
         ckpt.close()
     if end < config.num_train_steps:
         return {}
-    results = _evaluate(p_state, eval_graphdef, held_out, config, sharded)
-    report.write_report(workdir, results, config)
+    host = to_host(p_state, sharded=sharded)
+    results = {}
+    if held_out is not None:
+        results = evaluator.open_set(host, held_out)
+    if targets:
+        last = {r["step"]: r for r in writer.records if "val/mean_accuracy" in r}
+        record = last.get(config.num_train_steps)
+        if record is None:  # resumed after the final step's checkpoint
+            record, _ = best.update(
+                config.num_train_steps,
+                evaluator.targets(host, targets),
+            )
+        results["val_targets"] = {
+            name: {
+                key: record[f"val/{name}/{key}"]
+                for key in ("accuracy", "accuracy_std", "xnorm", "best")
+            }
+            for name in targets.names
+        }
+        results["val_mean_accuracy"] = record["val/mean_accuracy"]
+        results["best_step"] = best.best_step
+    if writes:
+        report.write_report(workdir, results, config)
     return results
 
 
-def _evaluate(p_state, eval_graphdef, held_out, config, sharded: bool) -> dict:
-    """Open-set evaluation of the current pmapped state on held-out classes."""
-    state = to_host(p_state, sharded=sharded)
-    if sharded:
-        state = full_head(state, config.num_train_classes)
-    return evaluation.evaluate_open_set(
-        eval_graphdef, state.params, state.batch_stats, held_out, config
-    )
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class _Evaluator:
+    """Evaluates host-layout states: open set on held-out classes, `.bin` sets."""
+
+    def __init__(self, eval_graphdef, config, *, sharded: bool, channels: int):
+        self.eval_graphdef = eval_graphdef
+        self.config = config
+        self.sharded = sharded
+        self.channels = channels
+
+    def _placed(self, state):
+        if self.sharded:
+            state = full_head(state, self.config.num_train_classes)
+        return jax.device_put((state.params, state.batch_stats))
+
+    def open_set(self, state, held_out) -> dict:
+        params, batch_stats = self._placed(state)
+        return evaluation.evaluate_open_set(
+            self.eval_graphdef, params, batch_stats, held_out, self.config
+        )
+
+    def targets(self, state, targets: validation.VerificationTargets) -> dict:
+        params, batch_stats = self._placed(state)
+
+        def embed_fn(images):  # uint8 RGB from a .bin
+            x = validation.as_model_input(np.asarray(images), self.channels)
+            return evaluation.embed(
+                self.eval_graphdef, params, batch_stats, x, batch_size=len(x)
+            )
+
+        return targets.evaluate(embed_fn)

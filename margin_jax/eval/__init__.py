@@ -17,6 +17,7 @@ from margin_jax.eval.retrieval import retrieval_metrics as retrieval_metrics
 from margin_jax.eval.verification import ACCURACY_THRESHOLDS as ACCURACY_THRESHOLDS
 from margin_jax.eval.verification import VAL_THRESHOLDS as VAL_THRESHOLDS
 from margin_jax.eval.verification import evaluate_bin as evaluate_bin
+from margin_jax.eval.verification import evaluate_pairs as evaluate_pairs
 from margin_jax.eval.verification import flip_fused_embeddings as flip_fused_embeddings
 from margin_jax.eval.verification import pair_similarity as pair_similarity
 from margin_jax.eval.verification import roc_curve as roc_curve
@@ -29,6 +30,7 @@ __all__ = [
     "ACCURACY_THRESHOLDS",
     "VAL_THRESHOLDS",
     "evaluate_bin",
+    "evaluate_pairs",
     "flip_fused_embeddings",
     "knn_search",
     "load_bin",

@@ -105,16 +105,19 @@ def flip_fused_embeddings(
       Deng et al., "ArcFace", CVPR 2019, https://arxiv.org/abs/1801.07698;
       insightface recognition/arcface_torch/eval/verification.py (``test``).
     """
+    return _flip_fused(embed_fn, images, batch_size, flip_axis)[0]
+
+
+def _flip_fused(embed_fn, images, batch_size, flip_axis, fn="flip_fused_embeddings"):
+    """(fused normalised embeddings [N, D], xnorm: mean norm of f(x) and f(flip x))."""
     ndim = np.ndim(images)
     if ndim < 2 or not -ndim <= flip_axis < ndim:
         raise ValueError(
-            f"flip_fused_embeddings: `images` of shape {tuple(np.shape(images))} "
+            f"{fn}: `images` of shape {tuple(np.shape(images))} "
             f"has no axis {flip_axis} to flip."
         )
     if batch_size is not None and batch_size < 1:
-        raise ValueError(
-            f"flip_fused_embeddings: `batch_size` must be >= 1, got {batch_size}."
-        )
+        raise ValueError(f"{fn}: `batch_size` must be >= 1, got {batch_size}.")
     index = [slice(None)] * ndim
     index[flip_axis] = slice(None, None, -1)
     plain = _embed_batched(embed_fn, images, batch_size)
@@ -122,7 +125,8 @@ def flip_fused_embeddings(
     fused = _checks.embeddings_array(
         plain + flipped, "embed_fn(images) + embed_fn(flip(images))", "embed_fn"
     )
-    return _normalize_rows(fused)
+    norms = np.linalg.norm(np.concatenate([plain, flipped]), axis=1)
+    return _normalize_rows(fused), float(np.mean(norms)) if norms.size else 0.0
 
 
 def split_pairs(embeddings) -> tuple[np.ndarray, np.ndarray]:
@@ -584,6 +588,50 @@ def tar_at_far(
     }
 
 
+def evaluate_pairs(
+    images,
+    issame,
+    embed_fn: Callable,
+    *,
+    batch_size: int | None = 64,
+    n_folds: int = 10,
+) -> dict:
+    """Score a model on verification pairs already in memory (a loaded `.bin`).
+
+    flip_fused_embeddings -> split_pairs -> verification_accuracy, i.e.
+    insightface's "Accuracy-Flip", plus its ``xnorm``: the mean L2 norm of the
+    raw embeddings f(x) and f(flip(x)) of every image (insightface's
+    ``verification.test`` reports it next to the accuracy; a collapsing
+    feature norm shows there first).
+
+    Args:
+      images: uint8 [N, H, W, 3] (NHWC, e.g. from `load_bin`); pair i is
+        images 2i and 2i + 1.
+      issame: bool [N // 2].
+      embed_fn: uint8 images [b, H, W, 3] -> embeddings [b, D];
+        preprocessing is its job.
+      batch_size: images per `embed_fn` call (fixed-shape batches).
+      n_folds: folds of `verification_accuracy`.
+
+    Returns:
+      The dict of `verification_accuracy` plus ``xnorm`` (float).
+
+    Example:
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> images = rng.integers(0, 255, size=(40, 8, 8, 3), dtype=np.uint8)
+      >>> embed = lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
+      >>> out = evaluate_pairs(images, np.arange(20) % 2 == 0, embed)
+      >>> out["accuracy"].shape, out["xnorm"] > 0
+      ((10,), True)
+    """
+    embeddings, xnorm = _flip_fused(embed_fn, images, batch_size, 2, "evaluate_pairs")
+    emb1, emb2 = split_pairs(embeddings)
+    out = verification_accuracy(emb1, emb2, issame, n_folds=n_folds)
+    out["xnorm"] = xnorm
+    return out
+
+
 def evaluate_bin(
     path,
     embed_fn: Callable,
@@ -593,8 +641,8 @@ def evaluate_bin(
 ) -> dict:
     """Score a model on an insightface `.bin` set (LFW, CFP-FP, AgeDB-30, ...).
 
-    load_bin -> flip_fused_embeddings -> split_pairs -> verification_accuracy,
-    i.e. insightface's "Accuracy-Flip".
+    load_bin -> `evaluate_pairs` (flip_fused_embeddings -> split_pairs ->
+    verification_accuracy), i.e. insightface's "Accuracy-Flip" and xnorm.
 
     Args:
       path: the `.bin` file.
@@ -604,7 +652,7 @@ def evaluate_bin(
       n_folds: folds of `verification_accuracy`.
 
     Returns:
-      The dict of `verification_accuracy`.
+      The dict of `verification_accuracy` plus ``xnorm`` (float).
 
     Example:
       >>> import os, tempfile, numpy as np
@@ -621,6 +669,6 @@ def evaluate_bin(
     from margin_jax.eval.bin_io import load_bin
 
     images, issame = load_bin(path)
-    embeddings = flip_fused_embeddings(embed_fn, images, batch_size=batch_size)
-    emb1, emb2 = split_pairs(embeddings)
-    return verification_accuracy(emb1, emb2, issame, n_folds=n_folds)
+    return evaluate_pairs(
+        images, issame, embed_fn, batch_size=batch_size, n_folds=n_folds
+    )

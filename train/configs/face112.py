@@ -6,7 +6,10 @@ the 5.8M images, bfloat16 compute for the convolutional body. Two
 differences: the schedule is this pipeline's warm-up + cosine (insightface:
 polynomial decay, no warm-up), and its SGD is Nesterov.
 
-    python -m train.main --config train/configs/face112.py --workdir DIR
+    python -m train.prepare_recordio MS1MV2_DIR --data_dir DATA_DIR   # once
+    python -m train.main --config train/configs/face112.py --workdir DIR \\
+        --config.data_dir=DATA_DIR \\
+        --config.val_targets="('MS1MV2_DIR/lfw.bin','MS1MV2_DIR/cfp_fp.bin')"
     python -m train.main --config train/configs/face112.py \\
         --config.synthetic=True --workdir DIR   # throughput only
 """
@@ -25,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: an insightface RecordIO set (train.rec / train.idx, as distributed
     # for MS1MV2, Glint360K, WebFace42M) through the tfds builder of
     # train/recordio_builder.py (bare name = its 112x112 config); prepare it
-    # once with recordio_builder.prepare_recordio(MANUAL_DIR, data_dir).
+    # once with python -m train.prepare_recordio MANUAL_DIR --data_dir DIR.
     config.dataset = "insightface_recordio"
     config.split = "train"
     # All of MS1MV2's identities (Glint360K: 360232); W is [C, 512].
@@ -33,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Random images, for throughput measurement: no data set is read, the
     # model, loss and step are the real ones.
     config.synthetic = False
+    config.synthetic_image_shape = (112, 112, 3)
+    # Decoding the JPEGs takes worker processes; faces are flipped at random.
+    config.data_workers = 8
+    config.random_flip = True
     config.sampler = "random"
     config.batch_size = 128 * NUM_DEVICES
     # Model.
@@ -53,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = NUM_EPOCHS * NUM_IMAGES // config.batch_size
     config.warmup_steps = NUM_IMAGES // config.batch_size  # one epoch
     config.end_lr_factor = 0.0
+    # Verification sets, as insightface's CallBackVerification (every 2000
+    # steps): the .bin files that ship with MS1MV2 / Glint360K, e.g.
+    # --config.val_targets="('DIR/lfw.bin','DIR/cfp_fp.bin','DIR/agedb_30.bin')".
+    # Every identity trains, so they are what the run is judged by.
+    config.val_targets = ()
+    config.val_every_steps = 2000
     # Bookkeeping.
     config.log_every_steps = 100
     config.checkpoint_every_steps = 5000
