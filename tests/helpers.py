@@ -195,3 +195,23 @@ def metrics_records(workdir) -> list[dict]:
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def pairs_bin(path, images, labels, num_pairs, seed):
+    """A .bin of alternating genuine / impostor pairs of RGB images."""
+    rng = np.random.default_rng(seed)
+    out, issame = [], []
+    for p in range(num_pairs):
+        same = p % 2 == 0
+        a = rng.integers(len(labels))
+        pool = np.flatnonzero((labels == labels[a]) != (not same))
+        pool = pool[pool != a]
+        out += [images[a], images[rng.choice(pool)]]
+        issame.append(same)
+    rgb = np.stack(out)
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    from margin_jax import eval as mj_eval
+
+    mj_eval.write_bin(path, rgb, issame)
+    return str(path)

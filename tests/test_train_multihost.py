@@ -23,17 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    data_dir = str(tmp_path / "tfds")
-    input_pipeline.open_source("margin_jax_digits", data_dir)  # prepared once
-    overrides = {"num_train_steps": 3, "checkpoint_every_steps": 3, "random_flip": True}
-    config = tiny.get_config()
-    config.update(data_dir=data_dir, **overrides)
-    one = str(tmp_path / "one")
-    expected = train.train_and_evaluate(config, one)  # 1 process x 8 devices
-
-    two = str(tmp_path / "two")
-    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+def _two_processes(workdir: str, flags: list[str]) -> list[str]:
+    """Runs train.main as 2 processes x 4 fake CPU devices; their outputs."""
     xla = [
         f
         for f in os.environ.get("XLA_FLAGS", "").split()
@@ -41,7 +32,7 @@ def test_two_processes_equal_one_process(tmp_path):
     ]
     port = _free_port()
     procs = []
-    for i in range(2):  # 2 processes x 4 devices: the same 8-way global batch
+    for i in range(2):
         env = {
             **os.environ,
             "JAX_PLATFORMS": "cpu",
@@ -57,8 +48,7 @@ def test_two_processes_equal_one_process(tmp_path):
             "--config",
             os.path.join(ROOT, "train/configs/tiny.py"),
             "--workdir",
-            two,
-            f"--config.data_dir={data_dir}",
+            workdir,
             *flags,
         ]
         procs.append(
@@ -80,10 +70,37 @@ def test_two_processes_equal_one_process(tmp_path):
             proc.kill()
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    records, labels = input_pipeline.open_source("margin_jax_digits", data_dir)
+    held = np.flatnonzero(labels >= 7)[:100]
+    lfw = helpers.pairs_bin(
+        tmp_path / "lfw.bin", records.read(held), labels[held], 40, seed=0
+    )
+    overrides = {
+        "num_train_steps": 3,
+        "checkpoint_every_steps": 3,
+        "val_every_steps": 2,
+        "random_flip": True,
+    }
+    config = tiny.get_config()
+    config.update(data_dir=data_dir, val_targets=(lfw,), **overrides)
+    one = str(tmp_path / "one")
+    expected = train.train_and_evaluate(config, one)  # 1 process x 8 devices
+
+    # 2 processes x 4 devices: the same 8-way global batch.
+    two = str(tmp_path / "two")
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    flags += [f"--config.data_dir={data_dir}", f"--config.val_targets=('{lfw}',)"]
+    outputs = _two_processes(two, flags)
     # Process 0 alone prints the summary and writes the log, once per step.
     assert "Held-out verification accuracy" in outputs[0]
     assert "Held-out verification accuracy" not in outputs[1]
-    assert [r["step"] for r in helpers.metrics_records(two)] == [1, 2, 3]
+    records_two = helpers.metrics_records(two)
+    assert [r["step"] for r in records_two] == [1, 2, 2, 3, 3]
 
     (step_a, state_a), (step_b, state_b) = (
         helpers.final_state(one, config),
@@ -99,12 +116,20 @@ def test_two_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
     jax.tree.map(close, state_a, state_b)
-    for a, b in zip(
-        helpers.metrics_records(one), helpers.metrics_records(two), strict=True
-    ):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["accuracy"] == b["accuracy"]
+    for a, b in zip(helpers.metrics_records(one), records_two, strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+            assert a["accuracy"] == b["accuracy"]
     results = json.loads(open(os.path.join(two, "eval.json")).read())
     assert results["verification_accuracy"] == pytest.approx(
         expected["verification_accuracy"], abs=1e-2
     )
+    best = json.loads(open(os.path.join(two, "best", "best.json")).read())
+    assert best["step"] == results["best_step"] in (2, 3)
+
+    # Run again: both processes restore the final checkpoint, read the log
+    # before process 0 rewrites it, and evaluate without training.
+    _two_processes(two, flags)
+    assert helpers.metrics_records(two) == records_two
+    assert json.loads(open(os.path.join(two, "eval.json")).read()) == results

@@ -50,6 +50,10 @@ class Checkpointer:
         state = jax.device_get(state)
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
+    def wait(self) -> None:
+        """Blocks until the saves in flight are committed."""
+        self._manager.wait_until_finished()
+
     def due(self, step: int) -> bool:
         """Whether `save` at ``step`` would write a checkpoint (without force)."""
         return self._manager.should_save(step)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import socket
 
 import numpy as np
 
@@ -242,7 +243,7 @@ def class_labels(builder, name: str, split: str, label_key: str, *, progress=Tru
             labels[start:stop] = [int(r[label_key]) for r in rows]
             bar.update(stop - start)
     try:
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp.npy"
         np.save(tmp, labels)
         os.replace(tmp, path)
     except OSError:
@@ -308,17 +309,16 @@ def open_set_split(
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
-    high = len(classes) if allow_all else len(classes) - 2
-    if not 2 <= num_train_classes <= high:
+    high = len(classes) - 2
+    if not (
+        2 <= num_train_classes <= high
+        or (allow_all and num_train_classes == len(classes))
+    ):
         raise ValueError(
-            f"num_train_classes must be in [2, {high}] so that "
-            + (
-                "it names classes of the data set"
-                if allow_all
-                else "both sides have at least two identities (or all "
-                f"{len(classes)} with config.val_targets)"
-            )
-            + f"; got {num_train_classes} for {len(classes)} classes."
+            f"num_train_classes must be in [2, {high}] so that both sides have "
+            f"at least two identities, or all {len(classes)} with "
+            f"config.val_targets; got {num_train_classes} for {len(classes)} "
+            "classes."
         )
     train_classes = classes[:num_train_classes]
     is_train = np.isin(labels, train_classes)

@@ -48,11 +48,14 @@ def _main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
 
-    from train import input_pipeline
+    from train import input_pipeline, validation
 
     try:
         results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (input_pipeline.DatasetNotPreparedError, FileNotFoundError) as e:
+    except (
+        input_pipeline.DatasetNotPreparedError,
+        validation.TargetNotFoundError,
+    ) as e:
         # What to prepare or which file is missing: the message says it all.
         sys.exit(f"train.main: {e}")
     if jax.process_index() == 0:

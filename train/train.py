@@ -416,7 +416,9 @@ def _first_replica(x):
     on each other's rendezvous and hang XLA:CPU. Reading device 0's buffer
     involves no other device.
     """
-    if isinstance(x, jax.Array) and len(x.addressable_shards) > 1:
+    if isinstance(x, jax.Array) and (
+        len(x.addressable_shards) > 1 or not x.is_fully_addressable
+    ):
         data = x.addressable_shards[0].data
         return data.reshape(data.shape[1:])
     return x[0]
@@ -440,13 +442,16 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.write_files = write
         self.records = []
+        lines = []
         if os.path.exists(self.path):
             with open(self.path) as f:
                 lines = [r for r in f if json.loads(r)["step"] <= resume_step]
             self.records = [json.loads(r) for r in lines]
-            if write:
-                with open(self.path, "w") as f:
-                    f.writelines(lines)
+        # Every process has read the file before process 0 rewrites it.
+        _sync_processes("margin_jax_metrics_read")
+        if write and lines:
+            with open(self.path, "w") as f:
+                f.writelines(lines)
         self._tb = None
         if tensorboard and write:
             try:
@@ -471,6 +476,14 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _sync_processes(name: str) -> None:
+    """A barrier over the processes of a multi-host run (none with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _progress(total, initial, enabled):
@@ -553,9 +566,11 @@ def restore_model(config, workdir: str, image_shape=None, *, step: int | None = 
         tx,
         num_shards=len(jax.local_devices()) if sharded else None,
     )
-    directory = workdir
-    if os.path.basename(os.path.normpath(workdir)) != "best":
-        directory = os.path.join(workdir, "checkpoints")
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory) and os.path.isfile(
+        os.path.join(workdir, validation.BEST_JSON)
+    ):
+        directory = workdir  # <run>/best: the best verification step
     ckpt = checkpoint.Checkpointer(directory, every=1, keep=None)
     try:
         steps = ckpt.all_steps()
@@ -642,7 +657,7 @@ def train_and_evaluate(
     Raises:
       NonFiniteLossError: the loss became NaN/inf (no checkpoint of that state).
       input_pipeline.DatasetNotPreparedError: the data set is not on disk.
-      FileNotFoundError: a config.val_targets file does not exist.
+      validation.TargetNotFoundError: a config.val_targets file does not exist.
       ValueError: a bad config choice (the message lists valid choices).
     """
     validate_config(config)
@@ -668,9 +683,8 @@ def train_and_evaluate(
     if held_out is None and not targets and not config.synthetic:
         raise ValueError(
             "Nothing to evaluate: no identity is held out "
-            f"(config.num_train_classes={config.num_train_classes}"
-            + (", config.synthetic" if config.synthetic else "")
-            + ") and config.val_targets is empty. Hold classes out or give "
+            f"(config.num_train_classes={config.num_train_classes}) and "
+            "config.val_targets is empty. Hold classes out or give "
             "verification sets (.bin files)."
         )
     tx, schedule = create_optimizer(config)
@@ -688,145 +702,112 @@ def train_and_evaluate(
         every=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
     )
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-    start = int(state.step)
-    writer = MetricWriter(
-        workdir, resume_step=start, tensorboard=config.tensorboard, write=writes
-    )
-    best = validation.BestTracker(workdir, writer.records, targets.names)
-    p_step = make_p_train_step(
-        graphdef,
-        tx,
-        loss_fn,
-        _pmap_devices(devices),
-        head=head,
-        num_classes=config.num_train_classes,
-    )
-    p_state = to_devices(state, devices, sharded=sharded)
-    end = config.num_train_steps if max_steps is None else max_steps
-    if end <= start:  # resumed at (or past) the last step: nothing to read
-        batches = iter(())
-    elif config.synthetic:
-        batches = synthetic_batches(config, image_shape, devices, start, end)
-    else:
-        sampler = input_pipeline.BatchSampler(
-            train_data.labels,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            sampler=config.sampler,
-            images_per_class=config.images_per_class,
-        )
-        read = input_pipeline.ReadBatch(
-            train_data,
-            sampler,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            random_flip=config.random_flip,
-        )
-        batches = input_pipeline.train_batches(
-            read, start, end, workers=config.data_workers
-        )
-    evaluator = _Evaluator(
-        eval_graphdef, config, sharded=sharded, channels=image_shape[-1]
-    )
-
-    def validate(done):
-        host = to_host(p_state, sharded=sharded)
-        results = evaluator.targets(host, targets)
-        record, improved = best.update(done, results)
-        writer.write(done, record)
-        if improved:
-            best.save(done, host, results, write=writes)
-        bar.write(
-            f"step {done}: "
-            + ", ".join(f"{n} {v['accuracy']:.4f}" for n, v in results.items())
-        )
-
-    bar = _progress(config.num_train_steps, start, config.progress_bar and writes)
-    tick, ticked_step = time.perf_counter(), start
-
-    def finish(done, p_metrics):
-        """Fetches and checks a step's metrics; logs them when due."""
-        nonlocal tick, ticked_step
-        metrics = jax.device_get(unreplicate(p_metrics))
-        finite = metrics.pop("params_finite")
-        if not (np.isfinite(metrics["loss"]) and finite):
-            raise NonFiniteLossError(
-                f"Non-finite loss ({metrics['loss']}) or parameters at step "
-                f"{done}; training stopped. The last good checkpoint (step "
-                f"{ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
-                "config.learning_rate or the loss scale and rerun to resume."
-            )
-        bar.update(done - bar.n)
-        if done % config.log_every_steps == 0 or done == end:
-            now = time.perf_counter()
-            seconds_per_step = (now - tick) / max(done - ticked_step, 1)
-            metrics["learning_rate"] = schedule(done - 1)
-            metrics["images_per_sec"] = config.batch_size / seconds_per_step
-            metrics["eta_seconds"] = (config.num_train_steps - done) * seconds_per_step
-            tick, ticked_step = now, done
-            writer.write(done, metrics)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}",
-                acc=f"{metrics['accuracy']:.3f}",
-                img_s=f"{metrics['images_per_sec']:.0f}",
-                eta=_duration(metrics["eta_seconds"]),
-            )
-
+    writer = batches = bar = None
     try:
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(state)
+        start = int(state.step)
+        writer = MetricWriter(
+            workdir, resume_step=start, tensorboard=config.tensorboard, write=writes
+        )
+        best = validation.BestTracker(workdir, writer.records, targets.names)
+        p_step = make_p_train_step(
+            graphdef,
+            tx,
+            loss_fn,
+            _pmap_devices(devices),
+            head=head,
+            num_classes=config.num_train_classes,
+        )
+        p_state = to_devices(state, devices, sharded=sharded)
+        end = config.num_train_steps if max_steps is None else max_steps
+        batches = _batches(config, train_data, image_shape, devices, start, end)
+        evaluator = _Evaluator(
+            eval_graphdef, config, sharded=sharded, channels=image_shape[-1]
+        )
+        bar = _progress(config.num_train_steps, start, config.progress_bar and writes)
+        clock = _Clock(start, config.num_train_steps)
+
+        def validate(done):
+            """Scores the targets; best/ is saved before the record is written."""
+            host = to_host(p_state, sharded=sharded)
+            # Process 0's numbers for every process: one decision about best/.
+            results = _from_process_0(evaluator.targets(host, targets))
+            record, improved = best.update(done, results)
+            if improved:
+                best.save(done, host, results, write=writes)
+            writer.write(done, record)
+            bar.write(
+                f"step {done}: "
+                + ", ".join(f"{n} {v['accuracy']:.4f}" for n, v in results.items())
+            )
+
         for step in range(start, end):
-            batch = next(batches)
-            if not config.synthetic:
-                batch = input_pipeline.shard(batch, len(devices))
-            p_state, p_metrics = p_step(p_state, batch)
+            p_state, p_metrics = p_step(p_state, next(batches))
             done = step + 1
             # Checked every step, before the state may be saved. The stream's
             # workers and prefetch thread read the next batches meanwhile.
-            finish(done, p_metrics)
-            val_due = config.val_every_steps and done % config.val_every_steps == 0
-            eval_due = config.eval_every_steps and done % config.eval_every_steps == 0
+            metrics = jax.device_get(unreplicate(p_metrics))
+            finite = metrics.pop("params_finite")
+            if not (np.isfinite(metrics["loss"]) and finite):
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({metrics['loss']}) or parameters at step "
+                    f"{done}; training stopped. The last good checkpoint (step "
+                    f"{ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
+                    "config.learning_rate or the loss scale and rerun to resume."
+                )
+            bar.update(done - bar.n)
+            if done % config.log_every_steps == 0 or done == end:
+                metrics["learning_rate"] = schedule(step)
+                metrics.update(clock.tick(done, config.batch_size))
+                writer.write(done, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    acc=f"{metrics['accuracy']:.3f}",
+                    img_s=f"{metrics['images_per_sec']:.0f}",
+                    eta=_duration(metrics["eta_seconds"]),
+                )
             last = done == config.num_train_steps
+            # Evaluations before the checkpoint of the same step: a run killed
+            # during one resumes before that step and redoes it.
+            if targets and (last or _due(done, config.val_every_steps)):
+                validate(done)
+            if (
+                held_out is not None
+                and not last
+                and _due(done, config.eval_every_steps)
+            ):
+                _log_open_set(
+                    done,
+                    evaluator.open_set(to_host(p_state, sharded=sharded), held_out),
+                    writer,
+                    bar,
+                )
             if last or ckpt.due(done):
                 ckpt.save(done, to_host(p_state, sharded=sharded), force=last)
-            if targets and (val_due or last):
-                validate(done)
-            if held_out is not None and eval_due and not last:
-                results = evaluator.open_set(
-                    to_host(p_state, sharded=sharded), held_out
-                )
-                scalars = {
-                    f"eval_{k}": v
-                    for k, v in results.items()
-                    if isinstance(v, float) and not k.startswith("_")
-                }
-                scalars["eval_recall_at_1"] = results["recall_at_k"]["recall@1"]
-                writer.write(done, scalars)
-                bar.write(
-                    f"step {done}: held-out verification "
-                    f"{results['verification_accuracy']:.4f}, "
-                    f"Recall@1 {scalars['eval_recall_at_1']:.4f}"
-                )
+        if end < config.num_train_steps:
+            return {}
+        finished = {r["step"] for r in writer.records if "val/mean_accuracy" in r}
+        if targets and config.num_train_steps not in finished:
+            validate(config.num_train_steps)  # e.g. targets added to a finished run
     finally:
-        if hasattr(batches, "close"):
+        if batches is not None and hasattr(batches, "close"):
             batches.close()
-        bar.close()
-        writer.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
-    if end < config.num_train_steps:
-        return {}
     host = to_host(p_state, sharded=sharded)
     results = {}
     if held_out is not None:
         results = evaluator.open_set(host, held_out)
     if targets:
-        last = {r["step"]: r for r in writer.records if "val/mean_accuracy" in r}
-        record = last.get(config.num_train_steps)
-        if record is None:  # resumed after the final step's checkpoint
-            record, _ = best.update(
-                config.num_train_steps,
-                evaluator.targets(host, targets),
-            )
+        record = [
+            r
+            for r in writer.records
+            if "val/mean_accuracy" in r and r["step"] == config.num_train_steps
+        ][-1]
         results["val_targets"] = {
             name: {
                 key: record[f"val/{name}/{key}"]
@@ -839,6 +820,109 @@ def train_and_evaluate(
     if writes:
         report.write_report(workdir, results, config)
     return results
+
+
+def _due(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _batches(config, train_data, image_shape, devices, start: int, end: int):
+    """The batches of steps start .. end - 1, sharded over the local devices."""
+    if end <= start:  # resumed at (or past) the last step: nothing to read
+        return iter(())
+    if config.synthetic:
+        return synthetic_batches(config, image_shape, devices, start, end)
+    sampler = input_pipeline.BatchSampler(
+        train_data.labels,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        sampler=config.sampler,
+        images_per_class=config.images_per_class,
+    )
+    read = input_pipeline.ReadBatch(
+        train_data,
+        sampler,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        random_flip=config.random_flip,
+    )
+    stream = input_pipeline.train_batches(read, start, end, workers=config.data_workers)
+    return _ShardedStream(stream, len(devices))
+
+
+class _ShardedStream:
+    """The stream's per-process batches reshaped to [devices, b / devices, ...]."""
+
+    def __init__(self, stream, num_devices: int):
+        self.stream, self.num_devices = stream, num_devices
+
+    def __next__(self):
+        return input_pipeline.shard(next(self.stream), self.num_devices)
+
+    def close(self):
+        self.stream.close()
+
+
+class _Clock:
+    """images/s of the last log window; ETA from the mean step time so far.
+
+    The first window holds the compilation (and the workers' start), so the
+    ETA uses the steps after it once there are any.
+    """
+
+    def __init__(self, start: int, total: int):
+        self.total = total
+        self.tick_time, self.tick_step = time.perf_counter(), start
+        self.first = None  # (time, step) at the end of the first window
+
+    def tick(self, done: int, batch_size: int) -> dict:
+        now = time.perf_counter()
+        window = (now - self.tick_time) / max(done - self.tick_step, 1)
+        if self.first is None:
+            self.first = (now, done)
+            per_step = window
+        elif done > self.first[1]:
+            per_step = (now - self.first[0]) / (done - self.first[1])
+        else:
+            per_step = window
+        self.tick_time, self.tick_step = now, done
+        return {
+            "images_per_sec": batch_size / window,
+            "eta_seconds": (self.total - done) * per_step,
+        }
+
+
+def _log_open_set(done: int, results: dict, writer, bar) -> None:
+    scalars = {
+        f"eval_{k}": v
+        for k, v in results.items()
+        if isinstance(v, float) and not k.startswith("_")
+    }
+    scalars["eval_recall_at_1"] = results["recall_at_k"]["recall@1"]
+    writer.write(done, scalars)
+    bar.write(
+        f"step {done}: held-out verification "
+        f"{results['verification_accuracy']:.4f}, "
+        f"Recall@1 {scalars['eval_recall_at_1']:.4f}"
+    )
+
+
+def _from_process_0(results: dict) -> dict:
+    """Process 0's copy of a {name: {key: float}} dict on every process."""
+    if jax.process_count() == 1:
+        return results
+    from jax.experimental import multihost_utils
+
+    names = sorted(results)
+    keys = sorted(results[names[0]])
+    values = np.array([[results[n][k] for k in keys] for n in names], np.float64)
+    # As raw bits: without jax_enable_x64 a float64 array would travel as float32.
+    bits = multihost_utils.broadcast_one_to_all(values.view(np.uint32))
+    values = np.asarray(bits).view(np.float64)
+    return {
+        n: {k: float(values[i, j]) for j, k in enumerate(keys)}
+        for i, n in enumerate(names)
+    }
 
 
 def _duration(seconds: float) -> str:

@@ -38,12 +38,19 @@ def target_name(path: str) -> str:
     return name[: -len(".bin")] if name.endswith(".bin") else name
 
 
+BEST_JSON = "best.json"
+
+
+class TargetNotFoundError(FileNotFoundError):
+    """A ``config.val_targets`` file does not exist."""
+
+
 def check_files(paths: Sequence[str]) -> None:
-    """Raises FileNotFoundError, with what to do, for a missing target file."""
+    """Raises TargetNotFoundError, with what to do, for a missing target file."""
     for path in (paths,) if isinstance(paths, str) else paths:
         path = os.path.expanduser(os.fspath(path))
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise TargetNotFoundError(
                 f"config.val_targets: no file {path!r}. Give the paths of "
                 "insightface verification sets (lfw.bin, cfp_fp.bin, "
                 "agedb_30.bin ship in the training set's folder) or files "
@@ -110,9 +117,11 @@ class BestTracker:
     """The best mean accuracy over the targets so far, and its checkpoint.
 
     ``<workdir>/best/`` holds one orbax checkpoint (the train state of the best
-    step) and ``best.json`` (its step and accuracies). On resume the best is
-    recomputed from the metrics records kept, so a step redone after a kill
-    is judged exactly as in an uninterrupted run.
+    step) and ``best.json`` (its step and accuracies). Every process of a
+    multi-host run calls `update` with the same (process 0's) results and
+    `save` (orbax's saves are collective); only process 0 writes best.json.
+    On resume the best is recomputed from the metrics records kept, so a step
+    redone after a kill is judged exactly as in an uninterrupted run.
     """
 
     def __init__(self, workdir: str, records: list[dict], names: Sequence[str]):
@@ -148,20 +157,31 @@ class BestTracker:
         return record, improved
 
     def save(self, step: int, state, results: dict, *, write: bool) -> None:
-        """Replaces the checkpoint in best/ by ``state`` at ``step``."""
+        """Makes ``state`` at ``step`` the checkpoint in best/.
+
+        The new step is written before the old one is deleted, and best.json
+        is replaced atomically, so a kill at any point leaves an intact best/.
+        A step already there is the same state (a resumed run redoes steps
+        bit for bit) and is kept.
+        """
         from train import checkpoint
 
-        ckpt = checkpoint.Checkpointer(self.directory, every=1, keep=1)
+        ckpt = checkpoint.Checkpointer(self.directory, every=1, keep=None)
         try:
+            if step not in ckpt.all_steps():
+                ckpt.save(step, state, force=True)
+                ckpt.wait()
             for old in ckpt.all_steps():
-                ckpt.delete(old)
-            ckpt.save(step, state, force=True)
+                if old != step:
+                    ckpt.delete(old)
         finally:
             ckpt.close()
         if write:
-            with open(os.path.join(self.directory, "best.json"), "w") as f:
+            path = os.path.join(self.directory, BEST_JSON)
+            with open(path + ".tmp", "w") as f:
                 json.dump(
                     {"step": step, "mean_accuracy": self.best_mean, "targets": results},
                     f,
                     indent=2,
                 )
+            os.replace(path + ".tmp", path)
