@@ -481,6 +481,10 @@ def train_batches(read: ReadBatch, start: int, stop: int, *, workers: int = 0):
     ``workers`` > 0 processes run the reads (each opens the data set itself),
     each buffering `PREFETCH_BATCHES` batches; with 0 one thread of the main
     process reads ahead. Call ``close()`` on the iterator when done.
+
+    Grain starts its workers by spawning: a script of your own that trains
+    with workers must keep its top-level code under
+    ``if __name__ == "__main__":`` (``python -m train.main`` does).
     """
     import grain
 
