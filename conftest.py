@@ -63,3 +63,18 @@ def pytest_runtest_teardown(item):
         else:
             os.environ[key] = value
     _saved_env.clear()
+
+
+# The longest items (notebooks, multi-process and IResNet runs) start first, so
+# the two xdist workers end together instead of one finishing a long tail.
+_LONG_FIRST = (
+    ".ipynb",
+    "test_train_multihost.py",
+    "test_face112_small_variant",
+    "test_kill_and_resume_equals_uninterrupted",
+    "test_sharded_head_is_checkpointed_and_resumes",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(k in item.nodeid for k in _LONG_FIRST))
