@@ -215,3 +215,21 @@ def pairs_bin(path, images, labels, num_pairs, seed):
 
     mj_eval.write_bin(path, rgb, issame)
     return str(path)
+
+
+def train_main_command(workdir, *flags, config="train/configs/tiny.py"):
+    """``python -m train.main`` with a config of this repository and flags."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [
+        sys.executable,
+        "-m",
+        "train.main",
+        "--config",
+        os.path.join(root, config),
+        "--workdir",
+        str(workdir),
+        *flags,
+    ]

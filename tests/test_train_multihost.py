@@ -4,7 +4,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -41,16 +40,7 @@ def _two_processes(workdir: str, flags: list[str]) -> list[str]:
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(i),
         }
-        command = [
-            sys.executable,
-            "-m",
-            "train.main",
-            "--config",
-            os.path.join(ROOT, "train/configs/tiny.py"),
-            "--workdir",
-            workdir,
-            *flags,
-        ]
+        command = helpers.train_main_command(workdir, *flags)
         procs.append(
             subprocess.Popen(
                 command,

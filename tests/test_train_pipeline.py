@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -127,17 +126,9 @@ def test_bad_choices_list_valid_ones(data_dir, tmp_path):
 )
 def test_cli_bad_override_fails_with_choices(tmp_path, override, message):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.main",
-            "--config",
-            os.path.join(ROOT, "train/configs/tiny.py"),
-            "--workdir",
-            str(tmp_path),
-            f"--config.data_dir={tmp_path / 'tfds'}",
-            override,
-        ],
+        helpers.train_main_command(
+            tmp_path, f"--config.data_dir={tmp_path / 'tfds'}", override
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -728,9 +728,8 @@ def train_and_evaluate(
         bar = _progress(config.num_train_steps, start, config.progress_bar and writes)
         clock = _Clock(start, config.num_train_steps)
 
-        def validate(done):
+        def validate(done, host):
             """Scores the targets; best/ is saved before the record is written."""
-            host = to_host(p_state, sharded=sharded)
             # Process 0's numbers for every process: one decision about best/.
             results = _from_process_0(evaluator.targets(host, targets))
             record, improved = best.update(done, results)
@@ -770,26 +769,28 @@ def train_and_evaluate(
             last = done == config.num_train_steps
             # Evaluations before the checkpoint of the same step: a run killed
             # during one resumes before that step and redoes it.
-            if targets and (last or _due(done, config.val_every_steps)):
-                validate(done)
-            if (
+            val_due = targets and (last or _due(done, config.val_every_steps))
+            eval_due = (
                 held_out is not None
                 and not last
                 and _due(done, config.eval_every_steps)
-            ):
-                _log_open_set(
-                    done,
-                    evaluator.open_set(to_host(p_state, sharded=sharded), held_out),
-                    writer,
-                    bar,
-                )
-            if last or ckpt.due(done):
-                ckpt.save(done, to_host(p_state, sharded=sharded), force=last)
+            )
+            save_due = last or ckpt.due(done)
+            if not (val_due or eval_due or save_due):
+                continue
+            host = to_host(p_state, sharded=sharded)  # one copy for all three
+            if val_due:
+                validate(done, host)
+            if eval_due:
+                _log_open_set(done, evaluator.open_set(host, held_out), writer, bar)
+            if save_due:
+                ckpt.save(done, host, force=last)
         if end < config.num_train_steps:
             return {}
         finished = {r["step"] for r in writer.records if "val/mean_accuracy" in r}
         if targets and config.num_train_steps not in finished:
-            validate(config.num_train_steps)  # e.g. targets added to a finished run
+            # e.g. targets added to a finished run
+            validate(config.num_train_steps, to_host(p_state, sharded=sharded))
     finally:
         if batches is not None and hasattr(batches, "close"):
             batches.close()
