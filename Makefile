@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-WORKDIR ?= runs/digits
+WORKDIR ?= runs/glyphs
 
 .PHONY: run test lint benchmark gallery notebooks clean
 
@@ -15,7 +15,7 @@ $(VENV)/.installed-test: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[train,test]'
 	touch $@
 
-# The main job: train on the embedded digits data set, then the evaluation report.
+# The main job: train on the embedded glyph data set, then the evaluation report.
 run: $(VENV)/.installed-test
 	$(BIN)/python -m train.main --config train/configs/default.py --workdir $(WORKDIR)
 

@@ -48,12 +48,12 @@ def main():
     import numpy as np
 
     from train import input_pipeline, train
-    from train.configs import default
+    from train.configs import digits
 
     counter = _CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
 
-    config = default.get_config()
+    config = digits.get_config()
     devices = jax.local_devices()
     data, _ = train.load_data(config)
     tx, _ = train.create_optimizer(config)

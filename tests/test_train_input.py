@@ -181,3 +181,53 @@ def test_shard_splits_the_global_batch():
     sharded = input_pipeline.shard(batch, 8)
     assert sharded["image"].shape == (8, 2, 8, 8, 1)
     np.testing.assert_array_equal(sharded["label"].reshape(-1), np.arange(16))
+
+
+def test_affine_jitter_is_seeded_and_exact_on_shifts():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 12, 10, 1)).astype(np.uint8)
+    identity = input_pipeline.affine_matrices(3, 7, 5)
+    np.testing.assert_array_equal(input_pipeline.warp_affine(images, identity), images)
+    a = input_pipeline.affine_matrices(3, 7, 5, rotation=8, scale=0.1, translation=2)
+    b = input_pipeline.affine_matrices(3, 7, 5, rotation=8, scale=0.1, translation=2)
+    np.testing.assert_array_equal(a, b)  # a pure function of (seed, step)
+    assert not np.allclose(
+        a, input_pipeline.affine_matrices(3, 8, 5, rotation=8, scale=0.1, translation=2)
+    )
+    angles = np.degrees(np.arctan2(a[:, 1, 0], a[:, 0, 0]))
+    zoom = 1 / np.hypot(a[:, 0, 0], a[:, 1, 0])
+    assert np.all(np.abs(angles) <= 8) and np.all(np.abs(zoom - 1) <= 0.1 + 1e-9)
+    # A shift by whole pixels moves every pixel, black where it comes in.
+    shift = np.zeros((5, 2, 3))
+    shift[:, 0, 0] = shift[:, 1, 1] = 1.0
+    shift[:, :, 2] = [-2.0, 1.0]  # output (r, c) reads input (r - 2, c + 1)
+    out = input_pipeline.warp_affine(images, shift)
+    np.testing.assert_array_equal(out[:, 2:, :-1], images[:, :-2, 1:])
+    assert not out[:, :2].any() and not out[:, :, -1].any()
+    # Rotation by 90 degrees about the centre of a square image.
+    square = images[:, :10]
+    quarter = np.zeros((5, 2, 3))
+    quarter[:, 0, 1], quarter[:, 1, 0] = 1.0, -1.0  # in = (c', -r') about centre
+    np.testing.assert_array_equal(
+        input_pipeline.warp_affine(square, quarter), np.rot90(square, 1, axes=(1, 2))
+    )
+
+
+def test_read_batch_applies_the_jitter_of_its_step(digits):
+    records, labels = digits
+    train = input_pipeline.Subset(records, np.arange(len(labels)), labels)
+    sampler = input_pipeline.BatchSampler(labels, batch_size=8, seed=1)
+    jitter = {"rotation": 10.0, "scale": 0.1, "translation": 1.0}
+    plain = input_pipeline.ReadBatch(train, sampler)(4)["image"]
+    read = input_pipeline.ReadBatch(train, sampler, random_affine=jitter)
+    got = read(4)["image"]
+    matrices = input_pipeline.affine_matrices(1, 4, 8, **jitter)
+    np.testing.assert_array_equal(got, input_pipeline.warp_affine(plain, matrices))
+    # Two processes' halves are the halves of the global batch.
+    halves = [
+        input_pipeline.ReadBatch(
+            train, sampler, process_index=p, process_count=2, random_affine=jitter
+        )(4)["image"]
+        for p in range(2)
+    ]
+    np.testing.assert_array_equal(np.concatenate(halves), got)

@@ -119,7 +119,7 @@ def test_bad_choices_list_valid_ones(data_dir, tmp_path):
     "override, message",
     [
         ("--config.loss.name=nope", "valid choices for config.loss.name"),
-        ("--config.loss.scael=1", "valid choices: margin, name, scale"),
+        ("--config.loss.scael=1", "under its name: --config.loss.arcface.scael"),
         ("--config.val_targets=('nope/lfw.bin',)", "config.val_targets: no file"),
         ("--config.dataset=insightface_recordio/16x16", "train.prepare_recordio"),
     ],

@@ -92,3 +92,51 @@ def test_every_config_file_is_valid():
         train.validate_config(
             importlib.import_module(f"train.configs.{name}").get_config()
         )
+
+
+def test_default_config_takes_any_loss_by_name():
+    from train.configs import default, digits
+
+    for name in losses_table.LOSSES:
+        config = default.get_config()
+        config.loss.name = name  # what --config.loss.name=<name> does
+        chosen, hyper = losses_table.config_loss(config.loss)
+        assert chosen == name
+        assert hyper == dict(default.LOSS_HYPERPARAMETERS.get(name, {}))
+        train.make_loss_fn(config, num_classes=10)  # binds without a stray key
+    assert losses_table.config_loss(digits.get_config().loss)[1] == {
+        "scale": 16.0,
+        "margin": 0.2,
+    }
+    # Flat keys win over the entry; a wrong one is still an error.
+    config = default.get_config()
+    config.loss.margin = 0.4
+    assert losses_table.config_loss(config.loss)[1]["margin"] == 0.4
+    config.loss.name = "softmax"
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['margin'\]"):
+        train.make_loss_fn(config)
+    with pytest.raises(ValueError, match="config.loss needs a 'name'"):
+        losses_table.config_loss({"margin": 0.5})
+
+
+def test_config_variants_and_bases_name_the_choices():
+    from train.configs import _family, cosface, default
+
+    assert default.get_config("quick").num_train_steps < 100
+    with pytest.raises(ValueError, match="valid choices: quick"):
+        default.get_config("fast")
+    assert cosface.get_config("digits").dataset == "margin_jax_digits"
+    assert cosface.get_config().dataset == "margin_jax_glyphs"
+    with pytest.raises(ValueError, match="valid choices: default, digits"):
+        _family.with_loss("cosface", "faces")
+
+
+def test_bad_random_affine_is_refused():
+    config = tiny.get_config()
+    config.random_affine.rotation = -1.0
+    with pytest.raises(ValueError, match="config.random_affine takes rotation"):
+        train.validate_config(config)
+    config = tiny.get_config()
+    config.random_affine.shear = 0.1
+    with pytest.raises(ValueError, match="config.random_affine takes rotation"):
+        train.validate_config(config)

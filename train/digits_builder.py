@@ -75,20 +75,32 @@ def _exclusive(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare_digits(data_dir: str) -> MarginJaxDigits:
-    """Builds the digits data set under ``data_dir`` unless it is there already.
+def prepare_locked(make, name: str, data_dir: str):
+    """``make(build)`` 's builder, prepared under ``data_dir`` unless it is.
 
-    Several processes may call this at once (tests, notebooks): one builds,
-    the others wait for it under a lock file in ``data_dir``.
+    ``make(False)`` opens, ``make(True)`` makes a builder that can build. Several
+    processes may call this at once (tests, notebooks): one builds, the others
+    wait for it under a lock file in ``data_dir``.
     """
-    builder = MarginJaxDigits(data_dir=data_dir, file_format=FILE_FORMAT)
+    builder = make(False)
     if builder.is_prepared():
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    with _exclusive(os.path.join(data_dir, f".{NAME}.lock")):
-        builder = MarginJaxDigits(data_dir=data_dir, file_format=FILE_FORMAT)
+    with _exclusive(os.path.join(data_dir, f".{name}.lock")):
+        builder = make(False)
         if not builder.is_prepared():
+            builder = make(True)
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False)
             )
     return builder
+
+
+def prepare_digits(data_dir: str) -> MarginJaxDigits:
+    """Builds the digits data set under ``data_dir`` unless it is there already
+    (under a lock, see `prepare_locked`)."""
+    return prepare_locked(
+        lambda build: MarginJaxDigits(data_dir=data_dir, file_format=FILE_FORMAT),
+        NAME,
+        data_dir,
+    )

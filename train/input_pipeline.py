@@ -3,9 +3,10 @@
 One input path for every data set, the embedded default included:
 
 * `open_source` opens a prepared tfds data set (``download=False`` semantics:
-  the embedded default `train.digits_builder` is prepared locally on first
-  use; any other set must already be prepared under ``config.data_dir`` and
-  otherwise stops at once with the command to run). It reads the class label
+  the embedded sets, `train.glyphs_builder` (the default) and
+  `train.digits_builder`, are prepared locally on first use; any other set
+  must already be prepared under ``config.data_dir`` and otherwise stops at
+  once with the command to run). It reads the class label
   of every record from a label cache (one int32 per record, written next to
   the prepared files once); no image is read.
 * `open_set_split` splits the records by class: the first
@@ -15,11 +16,13 @@ One input path for every data set, the embedded default included:
 * `BatchSampler` gives the record positions of the global batch of any step
   as a pure function of (seed, step): uniformly shuffled epochs, or P x K
   batches (P classes, K images each) for pair losses. The random horizontal
-  flips (``config.random_flip``) are drawn from (seed, step) too, so resuming
-  at step k reads exactly the batches an uninterrupted run reads.
+  flips (``config.random_flip``) and the affine jitter
+  (``config.random_affine``: rotation, zoom, shift; `affine_matrices`,
+  `warp_affine`) are drawn from (seed, step) too, so resuming at step k reads
+  exactly the batches an uninterrupted run reads.
 * `train_batches` is the stream: a `grain.MapDataset` over the steps whose
   element is this process's slice of the step's global batch (read, decoded,
-  flipped, stacked), run in ``config.data_workers`` worker processes (0: in
+  flipped, jittered, stacked), run in ``config.data_workers`` worker processes (0: in
   the main process, with a prefetch thread) with a small prefetch buffer.
   Host memory holds a few batches whatever the data set's size.
 * Images travel as uint8 [b, H, W, C]; the train step maps them to [-1, 1]
@@ -61,7 +64,7 @@ class Dataset:
 
 
 def _prepare_message(name: str, data_dir: str) -> str:
-    from train import digits_builder
+    from train import digits_builder, glyphs_builder
 
     return (
         f"The tfds data set {name!r} is not prepared in {data_dir!r}, and "
@@ -70,7 +73,8 @@ def _prepare_message(name: str, data_dir: str) -> str:
         "TensorFlow installed for Image features):\n"
         f"  tfds build {name} --data_dir {data_dir} --file_format array_record\n"
         "or point config.data_dir at the directory that holds it. The embedded "
-        f"default {digits_builder.NAME!r} needs no preparation."
+        f"sets {glyphs_builder.NAME!r} and {digits_builder.NAME!r} need no "
+        "preparation."
     )
 
 
@@ -78,11 +82,13 @@ def get_builder(name: str, data_dir: str):
     """The tfds builder of a prepared data set (the digits default is built)."""
     import tensorflow_datasets as tfds
 
-    from train import digits_builder, recordio_builder
+    from train import digits_builder, glyphs_builder, recordio_builder
 
     data_dir = os.path.expanduser(data_dir)
     if name == digits_builder.NAME:
         return digits_builder.prepare_digits(data_dir)
+    if name == glyphs_builder.NAME:
+        return glyphs_builder.prepare_glyphs(data_dir)
     if name.partition("/")[0] == recordio_builder.NAME:
         builder = recordio_builder.prepared_builder(name, data_dir)
         if builder is None:
@@ -398,6 +404,57 @@ def flips(seed: int, step: int, batch_size: int) -> np.ndarray:
     return np.random.default_rng([seed, step, 1]).random(batch_size) < 0.5
 
 
+def affine_matrices(
+    seed: int,
+    step: int,
+    batch_size: int,
+    *,
+    rotation: float = 0.0,
+    scale: float = 0.0,
+    translation: float = 0.0,
+) -> np.ndarray:
+    """float64 [batch_size, 2, 3]: a random affine map per image of the step's
+    global batch, output pixel (row, col, 1) -> input pixel, about the centre.
+
+    Uniform draws: a rotation in ±``rotation`` degrees, a zoom factor in
+    1 ± ``scale``, a shift in ±``translation`` pixels along each axis. A pure
+    function of (seed, step), like `flips`.
+    """
+    rng = np.random.default_rng([seed, step, 2])
+    angle = np.deg2rad(rng.uniform(-rotation, rotation, batch_size))
+    zoom = rng.uniform(1.0 - scale, 1.0 + scale, batch_size)
+    shift = rng.uniform(-translation, translation, (batch_size, 2))
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    # input = R(-angle) / zoom · (output - shift - centre) + centre
+    linear = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    return np.concatenate([linear, -(linear @ shift[..., None])], axis=-1)
+
+
+def warp_affine(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    """``images`` uint8 [b, H, W, C] resampled by `affine_matrices` (bilinear,
+    black outside the image)."""
+    b, h, w, _ = images.shape
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1)
+    out = (grid - centre).reshape(1, -1, 2)  # [1, HW, 2]
+    src = out @ matrices[:, :, :2].transpose(0, 2, 1) + matrices[:, None, :, 2]
+    src = src + centre  # [b, HW, 2] (row, col) in the input
+    base = np.floor(src).astype(np.int64)
+    frac = src - base
+    x = images.astype(np.float32)
+    result = np.zeros((b, h * w, images.shape[-1]), np.float32)
+    batch = np.arange(b)[:, None]
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        r, c = base[..., 0] + dr, base[..., 1] + dc
+        weight = (frac[..., 0] if dr else 1 - frac[..., 0]) * (
+            frac[..., 1] if dc else 1 - frac[..., 1]
+        )
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        pixels = x[batch, np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
+        result += (weight * inside)[..., None] * pixels
+    return np.clip(np.rint(result), 0, 255).astype(np.uint8).reshape(images.shape)
+
+
 def preprocess(images):
     """uint8 [..., H, W, C] -> float32 in [-1, 1] (NumPy or JAX arrays)."""
     return images.astype(np.float32) / 127.5 - 1.0
@@ -446,12 +503,17 @@ class ReadBatch:
         process_index: int = 0,
         process_count: int = 1,
         random_flip: bool = False,
+        random_affine=None,
     ):
         self.train = train
         self.sampler = sampler
         self.process_index = process_index
         self.process_count = process_count
         self.random_flip = random_flip
+        # {"rotation", "scale", "translation"} of `affine_matrices`; all 0: off.
+        self.random_affine = {
+            k: float(v) for k, v in dict(random_affine or {}).items() if v
+        }
 
     def __call__(self, step) -> dict:
         step = int(step)
@@ -464,6 +526,14 @@ class ReadBatch:
         if self.random_flip:
             mirror = flips(self.sampler.seed, step, self.sampler.batch_size)[mine]
             images[mirror] = images[mirror][:, :, ::-1]
+        if self.random_affine:
+            matrices = affine_matrices(
+                self.sampler.seed,
+                step,
+                self.sampler.batch_size,
+                **self.random_affine,
+            )
+            images = warp_affine(images, matrices[mine])
         return {"image": images, "label": self.train.labels[positions]}
 
 

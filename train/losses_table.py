@@ -11,7 +11,7 @@ CurricularFace t, center-loss centres, ...; an empty dict for stateless
 losses), initialised by ``init_state(num_classes, embedding_dim)``; ``step``
 drives schedules (SphereFace λ); ``axis_name`` is the pmap device axis, passed
 to every margin_jax function that takes batch statistics. Hyperparameters come
-from ``config.loss`` (every key but ``name``) and are checked against the
+from ``config.loss`` (see `config_loss`) and are checked against the
 function's signature, so a typo fails before training with the list of valid
 names.
 
@@ -41,6 +41,7 @@ __all__ = [
     "LossInputs",
     "LossSpec",
     "Stages",
+    "config_loss",
     "get_loss",
     "head_loss",
     "loss_hyperparameters",
@@ -401,6 +402,28 @@ def loss_hyperparameters(name: str) -> dict[str, Any]:
     spec = get_loss(name)
     params = inspect.signature(spec.stages or spec.fn).parameters
     return {k: p.default for k, p in params.items() if k not in _CALL_ARGS}
+
+
+def config_loss(loss_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, hyperparameters) of a ``config.loss``.
+
+    ``config.loss`` holds ``name`` and the hyperparameters, either flat
+    (``{"name": "cosface", "margin": 0.35}``) or, for any number of losses,
+    under each loss's name (``{"name": "cosface", "cosface": {"margin":
+    0.35}, "arcface": {...}}``): the entry of ``name`` is used and the others
+    are ignored, so ``--config.loss.name=softmax`` on a config tuned for
+    ArcFace takes softmax's own settings. Flat keys win over the entry.
+    """
+    items = dict(loss_config)
+    if "name" not in items:
+        raise ValueError(
+            f"config.loss needs a 'name' (one of {', '.join(sorted(LOSSES))}); "
+            f"got keys {sorted(items)}."
+        )
+    name = items.pop("name")
+    tuned = items.pop(name, None) or {}
+    flat = {k: v for k, v in items.items() if k not in LOSSES}
+    return name, {**dict(tuned), **flat}
 
 
 def get_loss(name: str, hyperparameters: Mapping[str, Any] | None = None) -> LossSpec:

@@ -1,6 +1,9 @@
 """Command line: python -m train.main --config train/configs/default.py --workdir DIR.
 
-Any config field can be overridden, e.g. ``--config.loss.margin=0.3``.
+Any config field can be overridden, e.g. ``--config.loss.name=cosface`` or
+``--config.loss.arcface.margin=0.4`` (each loss's hyperparameters sit under
+its name, see `train.losses_table.config_loss`). A family config takes the
+base after a colon: ``--config train/configs/cosface.py:digits``.
 
 Several hosts: start the same command on every host with
 ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` (or
@@ -66,12 +69,26 @@ def summary(results: dict, workdir: str) -> str:
     """The console lines of a finished run's results."""
     lines = []
     if "verification_accuracy" in results:
+        from train import report
+
+        baselines = results.get("baselines", {})
+        rows = [("model", results)] + [
+            (title, baselines[k])
+            for k, title in report.BASELINE_TITLES.items()
+            if k in baselines
+        ]
+        width = max(len(title) for title, _ in rows)
         lines.append(
-            "Held-out verification accuracy: "
-            f"{results['verification_accuracy']:.4f} ± "
-            f"{results['verification_accuracy_std']:.4f}, Recall@1 "
-            f"{results['recall_at_k']['recall@1']:.4f}"
+            f"Held-out identities ({len(results['held_out_classes'])} classes, "
+            f"{results['num_pairs']} pairs):"
         )
+        for title, r in rows:
+            lines.append(
+                f"  {title:<{width}}  verification "
+                f"{r['verification_accuracy']:.4f} ± "
+                f"{r['verification_accuracy_std']:.4f}, Recall@1 "
+                f"{r['recall_at_k']['recall@1']:.4f}, NMI {r['nmi']:.4f}"
+            )
     for name, v in results.get("val_targets", {}).items():
         lines.append(
             f"{name}: accuracy {v['accuracy']:.4f} ± {v['accuracy_std']:.4f} "
@@ -96,7 +113,7 @@ def _check_overrides(argv: list[str]) -> None:
             path = argv[i + 1]
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
-    path = path.split(":", 1)[0]
+    path, _, argument = path.partition(":")
     prefix = "--config."
     overrides = [a[len(prefix) :].split("=")[0] for a in argv if a.startswith(prefix)]
     if not overrides:
@@ -106,16 +123,22 @@ def _check_overrides(argv: list[str]) -> None:
         return  # config_flags reports the missing file.
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(argument) if argument else module.get_config()
     for dotted in overrides:
         node = config
         for i, key in enumerate(dotted.split(".")):
             if not hasattr(node, "keys") or key not in node:
                 where = ".".join(["config", *dotted.split(".")[:i]])
                 valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                hint = ""
+                if where == "config.loss" and "name" in node:
+                    hint = (
+                        " The hyperparameters of each loss are under its name: "
+                        f"--config.loss.{node['name']}.{key}=..."
+                    )
                 sys.exit(
                     f"Unknown config override --config.{dotted}: {where} has no "
-                    f"field {key!r}; valid choices: {valid or '(none)'}."
+                    f"field {key!r}; valid choices: {valid or '(none)'}.{hint}"
                 )
             node = node[key]
 

@@ -78,6 +78,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"Unknown {key} {config[key]!r}; valid choices for config.{key}: "
                 f"{', '.join(valid)}."
             )
+    affine = dict(config.get("random_affine") or {})
+    unknown = sorted(set(affine) - {"rotation", "scale", "translation"})
+    bad = sorted(k for k, v in affine.items() if not float(v) >= 0)
+    if unknown or bad:
+        raise ValueError(
+            "config.random_affine takes rotation (degrees), scale (fraction) and "
+            f"translation (pixels), each >= 0; got {affine}."
+        )
     name = config.loss.name
     spec = losses_table.get_loss(name)
     two_head_model = config.model in models.TWO_HEAD_MODELS
@@ -104,8 +112,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def make_loss_fn(config, num_classes: int | None = None):
     """The configured loss with the configured classifier head (`config.head`)."""
-    hyper = {k: v for k, v in config.loss.items() if k != "name"}
-    spec = losses_table.get_loss(config.loss.name, hyper)
+    name, hyper = losses_table.config_loss(config.loss)
+    spec = losses_table.get_loss(name, hyper)
     return losses_table.head_loss(
         spec,
         config.get("head", "dense"),
@@ -702,6 +710,7 @@ def train_and_evaluate(
         every=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
     )
+    initial = state  # the untrained baseline of the report
     writer = batches = bar = None
     try:
         if ckpt.latest_step() is not None:
@@ -803,6 +812,7 @@ def train_and_evaluate(
     results = {}
     if held_out is not None:
         results = evaluator.open_set(host, held_out)
+        results["baselines"] = evaluator.baselines(initial, held_out)
     if targets:
         record = [
             r
@@ -846,6 +856,7 @@ def _batches(config, train_data, image_shape, devices, start: int, end: int):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         random_flip=config.random_flip,
+        random_affine=config.get("random_affine"),
     )
     stream = input_pipeline.train_batches(read, start, end, workers=config.data_workers)
     return _ShardedStream(stream, len(devices))
@@ -949,6 +960,13 @@ class _Evaluator:
     def open_set(self, state, held_out) -> dict:
         params, batch_stats = self._placed(state)
         return evaluation.evaluate_open_set(
+            self.eval_graphdef, params, batch_stats, held_out, self.config
+        )
+
+    def baselines(self, initial_state, held_out) -> dict:
+        """Raw pixels and the network at initialisation, on the same pairs."""
+        params, batch_stats = self._placed(initial_state)
+        return evaluation.evaluate_baselines(
             self.eval_graphdef, params, batch_stats, held_out, self.config
         )
 

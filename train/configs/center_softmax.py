@@ -9,7 +9,5 @@ softmax at ``scale`` instead of the plain one.
 from train.configs._family import with_loss
 
 
-def get_config():
-    return with_loss(
-        "center_softmax", lambda_=0.003, alpha=0.5, classifier="softmax", scale=16.0
-    )
+def get_config(base="default"):
+    return with_loss("center_softmax", base)

@@ -3,5 +3,5 @@
 from train.configs._family import with_loss
 
 
-def get_config():
-    return with_loss("cosface", scale=16.0, margin=0.35)
+def get_config(base="default"):
+    return with_loss("cosface", base)

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Decoding the JPEGs takes worker processes; faces are flipped at random.
     config.data_workers = 8
     config.random_flip = True
+    config.random_affine = ml_collections.ConfigDict(
+        {"rotation": 0.0, "scale": 0.0, "translation": 0.0}
+    )  # insightface: flips only
     config.sampler = "random"
     config.batch_size = 128 * NUM_DEVICES
     # Model.

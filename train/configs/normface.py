@@ -3,5 +3,5 @@
 from train.configs._family import with_loss
 
 
-def get_config():
-    return with_loss("normface", scale=16.0)
+def get_config(base="default"):
+    return with_loss("normface", base)

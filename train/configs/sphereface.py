@@ -3,7 +3,5 @@
 from train.configs._family import with_loss
 
 
-def get_config():
-    return with_loss(
-        "sphereface", margin=4, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0
-    )
+def get_config(base="default"):
+    return with_loss("sphereface", base)

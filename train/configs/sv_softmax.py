@@ -3,5 +3,5 @@
 from train.configs._family import with_loss
 
 
-def get_config():
-    return with_loss("sv_softmax", scale=16.0, t=1.2, margin_type="arcface", margin=0.5)
+def get_config(base="default"):
+    return with_loss("sv_softmax", base)

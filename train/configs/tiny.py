@@ -1,10 +1,10 @@
-"""CPU smoke test: a very small model, a few steps, no plots."""
+"""CPU smoke test: a very small model on the digits, a few steps, no plots."""
 
-from train.configs import default
+from train.configs import digits
 
 
 def get_config():
-    config = default.get_config()
+    config = digits.get_config()
     config.width = 4
     config.embedding_dim = 8
     config.batch_size = 16

@@ -47,14 +47,16 @@ def steps(full: int, quick_steps: int) -> int:
 
 
 def short_config(method: str, *, steps: int, every: int, seed: int = 0):
-    """A `train.compare` method config for a short figure run.
+    """A `train.compare` method config on the digits for a short figure run.
 
     ``steps`` training steps, a checkpoint every ``every`` steps (all kept),
     the data in `data_dir`, warm-up and logging scaled to the run's length.
     """
     from train import compare
 
-    config = compare.method_config(method, seed=seed, steps=steps, data_dir=data_dir())
+    config = compare.method_config(
+        method, seed=seed, steps=steps, data_dir=data_dir(), base="digits"
+    )
     config.checkpoint_every_steps = every
     config.keep_checkpoints = steps // every + 1
     config.log_every_steps = max(1, min(config.log_every_steps, every))

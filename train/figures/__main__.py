@@ -13,6 +13,7 @@ import argparse
 import os
 
 FIGURES = (
+    "glyphs",
     "target_logits",
     "non_target_reweighting",
     "decision_margins",
@@ -45,9 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _figures(names, quick: bool):
     """Yields (name, Figure) for each requested figure, training as needed."""
-    from train.figures import gradients, hypersphere, support_vectors, zoo
+    from train.figures import glyphs, gradients, hypersphere, support_vectors, zoo
 
     pick = 1 if quick else 0
+    if "glyphs" in names:
+        yield "glyphs", glyphs.plot_glyph_samples()
     if "target_logits" in names:
         yield "target_logits", zoo.plot_target_curves()
     if "non_target_reweighting" in names:

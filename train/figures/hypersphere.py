@@ -43,7 +43,7 @@ HELD_OUT_RADIUS = 0.72  # the inner ring of the 2-D panels
 # Changes to the family configs for low-dimensional embeddings (shown in the
 # labels). SV-Arc's m = 0.5 asks for 2m = 57° between neighbouring classes,
 # 401° for 7 classes, more than the circle has; it gets the margin of the
-# default ArcFace config instead, so the two differ only by the SV stage.
+# digits ArcFace config instead, so the two differ only by the SV stage.
 OVERRIDES = {"sv_softmax": {"margin": 0.2}}
 
 

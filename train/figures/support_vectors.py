@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margin_jax as mj
-from train import figures, input_pipeline
+from train import figures, input_pipeline, losses_table
 from train import train as train_lib
 from train.figures import _plot
 from train.figures.hypersphere import config_id, runs_dir
@@ -79,7 +79,9 @@ def train_snapshots(
     batch = fixed_batch(train_data, seed=seed)
     images = input_pipeline.preprocess(batch.images)
     everything = input_pipeline.preprocess(train_data.images)
-    margin = float(config.loss.margin)
+    name, hyperparameters = losses_table.config_loss(config.loss)
+    loss = {"name": name, **hyperparameters}
+    margin = float(loss["margin"])
     snapshots = []
     for step in range(0, steps + 1, every) if at is None else at:
         model = train_lib.restore_model(
@@ -98,7 +100,7 @@ def train_snapshots(
                 ),
             )
         )
-    return snapshots, dict(config.loss)
+    return snapshots, loss
 
 
 def _mark(ax, labels, mask):
