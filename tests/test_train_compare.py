@@ -62,5 +62,12 @@ def test_compare_runs_on_the_digits_base(tmp_path):
     assert "Held-out digits 7-9" in table and "| Raw pixels (no model) |" in table
     with open(tmp_path / "out" / "compare.json") as f:
         assert json.load(f)["summary"]["normface"]["nmi"]["n"] == 1
+    # A second call reads the finished run back instead of training it again.
+    again = compare.compare(
+        ["normface"], [3], str(tmp_path / "out"), steps=2, data_dir=data_dir,
+        base="digits", log=lambda line: None,
+    )  # fmt: skip
+    assert again["runs"]["normface"]["3"]["nmi"] == run["nmi"]
+    assert again["runs"]["normface"]["3"]["seconds"] < 1.0
     with pytest.raises(ValueError, match="valid choices: default, digits"):
         compare.method_config("normface", seed=0, steps=1, base="faces")

@@ -97,8 +97,9 @@ def test_centres_are_loss_state_moved_by_the_update_rule():
         train.replicate(state.batch_stats, devices),
         sharded["image"],
     ).reshape(16, -1)
+    _, hyperparameters = losses_table.config_loss(config.loss)
     expected = mj.update_centers(
-        state.loss_state, emb, batch["label"], alpha=config.loss.alpha
+        state.loss_state, emb, batch["label"], alpha=hyperparameters["alpha"]
     )
     after, _ = _steps_on(devices, config, batch, steps=1)
     _close(after.loss_state.centers, np.asarray(expected.centers))

@@ -9,7 +9,8 @@ verification accuracy, Recall@1 and NMI, with the raw-pixel and untrained
 baselines as rows and which differences exceed the seed spread) and
 DIR/compare.json (every run and the summary). Each run trains in
 DIR/runs/<method>/steps<N>_seed<S> and resumes there, so an interrupted
-comparison picks up where it stopped.
+comparison picks up where it stopped (a run with an eval.json is finished
+and its results are read back; delete the run's folder to redo it).
 
 Every method uses its family config (train/configs/<name>.py, the base's tuned
 hyperparameters of that loss); the softmax + triplet regulariser is the
@@ -241,8 +242,13 @@ def compare(
                 out, "runs", method, f"steps{config.num_train_steps}_seed{seed}"
             )
             start = time.perf_counter()
+            eval_file = os.path.join(workdir, "eval.json")
             try:
-                results = train.train_and_evaluate(config, workdir)
+                if os.path.exists(eval_file):  # done before: its results
+                    with open(eval_file) as f:
+                        results = json.load(f)
+                else:
+                    results = train.train_and_evaluate(config, workdir)
             except train.NonFiniteLossError as e:  # one diverged run: go on
                 results, error = None, str(e)
             seconds = time.perf_counter() - start
