@@ -28,6 +28,11 @@ def _apply(eval_graphdef, params, batch_stats, x):
     return nnx.merge(eval_graphdef, params, batch_stats)(x)
 
 
+def _reader(images):
+    """(start, stop) -> uint8 images of an array or an `input_pipeline.Subset`."""
+    return images.read if hasattr(images, "read") else lambda i, j: images[i:j]
+
+
 def embed(eval_graphdef, params, batch_stats, images, *, batch_size=256):
     """Embeddings [N, D] (float32 NumPy) of uint8 images, model in eval mode.
 
@@ -36,7 +41,7 @@ def embed(eval_graphdef, params, batch_stats, images, *, batch_size=256):
     ``batch_size`` rows (the last one padded), so one model compiles once
     whatever N is.
     """
-    read = images.read if hasattr(images, "read") else lambda i, j: images[i:j]
+    read = _reader(images)
     chunks = []
     for i in range(0, len(images), batch_size):
         block = input_pipeline.preprocess(read(i, i + batch_size))
@@ -125,7 +130,7 @@ def evaluate_open_set(eval_graphdef, params, batch_stats, held_out, config) -> d
 def raw_pixels(images, *, batch_size=1024) -> np.ndarray:
     """The raw-pixel embedding [N, H·W·C]: each image flattened, its uint8
     values / 255, L2-normalised (an all-black image stays 0)."""
-    read = images.read if hasattr(images, "read") else lambda i, j: images[i:j]
+    read = _reader(images)
     blocks = []
     for i in range(0, len(images), batch_size):
         block = read(i, i + batch_size)
