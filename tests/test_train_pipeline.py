@@ -137,3 +137,14 @@ def test_cli_bad_override_fails_with_choices(tmp_path, override, message):
     )
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_resuming_a_workdir_of_another_model_says_so(data_dir, tmp_path):
+    config = tiny.get_config()
+    config.data_dir = data_dir
+    config.num_train_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.width = 8  # another model in the same workdir
+    config.num_train_steps = 4
+    with pytest.raises(ValueError, match="written by another model or config"):
+        train.train_and_evaluate(config, str(tmp_path))

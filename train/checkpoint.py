@@ -37,7 +37,17 @@ class Checkpointer:
         """Restores the latest checkpoint (or ``step``) into ``like``'s structure."""
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:
+            if "not compatible with the stored shape" not in str(e):
+                raise
+            raise ValueError(
+                f"The checkpoint of step {step} in {self.directory} was written "
+                "by another model or config (a parameter's shape differs), so "
+                "this run cannot resume from it. Use a new --workdir, or delete "
+                f"that one. ({e})"
+            ) from e
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Saves ``state`` (unreplicated) if ``step`` is due, or ``force``.
