@@ -39,9 +39,10 @@ $(VENV)/.installed-notebooks: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e '.[train,test,notebooks]'
 	touch $@
 
-# The README gallery (docs/gallery/*.png), trained and drawn by train/figures.
+# The README gallery (docs/gallery/*.png), trained and drawn by figures/ (not
+# installed: run from the repository root).
 gallery: $(VENV)/.installed-test
-	$(BIN)/python -m train.figures --out docs/gallery
+	$(BIN)/python -m figures --out docs/gallery
 
 # Re-executes the notebooks in place with the full step counts (the committed
 # outputs).

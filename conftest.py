@@ -22,7 +22,7 @@ for _flag in _FLAGS:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Notebooks (executed by nbmake in their own kernels, which inherit this
-# environment): a few training steps (train.figures.quick), and their runs and
+# environment): a few training steps (figures.quick), and their runs and
 # data set in a temporary directory, never in the user's cache.
 _NOTEBOOK_ENV = {"MARGIN_JAX_QUICK": "1"}
 _saved_env: dict = {}

@@ -1,23 +1,30 @@
 """margin-jax: margin-based softmax and metric-learning losses in JAX.
 
-Pure, jittable functions; see the README for the pipeline and SPEC for formulas.
+Pure, jittable functions; see the README for the pipeline and docs/losses.md for
+the formulas, defaults and deliberate choices.
 """
 
+from margin_jax import collective as collective
+from margin_jax.adaptive import AdaCosState as AdaCosState
 from margin_jax.adaptive import CurricularState as CurricularState
 from margin_jax.adaptive import adacos_dynamic_scale as adacos_dynamic_scale
 from margin_jax.adaptive import adacos_fixed_scale as adacos_fixed_scale
+from margin_jax.adaptive import init_adacos_state as init_adacos_state
 from margin_jax.adaptive import init_curricular_state as init_curricular_state
 from margin_jax.adaptive import update_curricular_state as update_curricular_state
 from margin_jax.centers import CenterState as CenterState
 from margin_jax.centers import center_loss as center_loss
 from margin_jax.centers import init_centers as init_centers
 from margin_jax.centers import update_centers as update_centers
+from margin_jax.chunked import MEMORY_BUDGET as MEMORY_BUDGET
 from margin_jax.chunked import PartialFCSample as PartialFCSample
 from margin_jax.chunked import chunked_margin_loss as chunked_margin_loss
+from margin_jax.chunked import default_chunk_size as default_chunk_size
 from margin_jax.chunked import non_target_logsumexp as non_target_logsumexp
 from margin_jax.chunked import partial_fc_sample as partial_fc_sample
 from margin_jax.chunked import sharded_margin_loss as sharded_margin_loss
 from margin_jax.cosine import cosine_logits as cosine_logits
+from margin_jax.cosine import inverse_row_norms as inverse_row_norms
 from margin_jax.cosine import l2_normalize as l2_normalize
 from margin_jax.cosine import put_target as put_target
 from margin_jax.cosine import safe_arccos as safe_arccos
@@ -69,5 +76,21 @@ from margin_jax.pairs import positive_mask as positive_mask
 from margin_jax.pairs import triplet_loss as triplet_loss
 from margin_jax.pairs import triplet_loss_with_stats as triplet_loss_with_stats
 from margin_jax.pairs import two_head_loss as two_head_loss
+from margin_jax.stages import NAMED_STAGES as NAMED_STAGES
+from margin_jax.stages import Batch as Batch
+from margin_jax.stages import Stages as Stages
+from margin_jax.stages import adacos_fixed_stages as adacos_fixed_stages
+from margin_jax.stages import adacos_stages as adacos_stages
+from margin_jax.stages import arcface_stages as arcface_stages
+from margin_jax.stages import combined_stages as combined_stages
+from margin_jax.stages import cosface_stages as cosface_stages
+from margin_jax.stages import curricularface_stages as curricularface_stages
+from margin_jax.stages import eqm_stages as eqm_stages
+from margin_jax.stages import focal_stages as focal_stages
+from margin_jax.stages import hard_mining_stages as hard_mining_stages
+from margin_jax.stages import mv_softmax_stages as mv_softmax_stages
+from margin_jax.stages import normface_stages as normface_stages
+from margin_jax.stages import sphereface_stages as sphereface_stages
+from margin_jax.stages import sv_softmax_stages as sv_softmax_stages
 
 __version__ = "0.1.0"

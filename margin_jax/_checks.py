@@ -22,7 +22,6 @@ __all__ = [
     "check_where",
     "check_same_batch",
     "prepare_cos_labels",
-    "masked_mean",
     "check_embeddings_weights",
     "scale_vector",
 ]
@@ -147,15 +146,6 @@ def prepare_cos_labels(fn: str, cos, labels, where=None, *, name: str = "cos"):
         where = jnp.asarray(where)
         cos = jnp.where(where[:, None], cos, 0.0)
     return cos, labels, where
-
-
-def masked_mean(x: jax.Array, where, axis_name: str | None = None) -> jax.Array:
-    """Mean of x [B] over valid rows (all devices when axis_name is set); 0 if none."""
-    valid = jnp.ones(x.shape, x.dtype) if where is None else where.astype(x.dtype)
-    total, count = jnp.sum(x * valid), jnp.sum(valid)
-    if axis_name is not None:
-        total, count = jax.lax.psum((total, count), axis_name)
-    return total / jnp.maximum(count, 1.0)
 
 
 def check_embeddings_weights(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from margin_jax import _checks
+from margin_jax import _checks, collective
 from margin_jax.cosine import safe_arccos, take_target, target_mask
 
 __all__ = [
@@ -95,24 +95,72 @@ def adacos_dynamic_scale(
     fn = "adacos_dynamic_scale"
     cos, labels, where = _checks.prepare_cos_labels(fn, cos, labels, where)
     cos = _sg(cos)
-    batch, num_classes = cos.shape
     s_prev = _sg(jnp.asarray(prev_scale, cos.dtype))
-    valid = jnp.ones((batch,), bool) if where is None else where
-    others = valid[:, None] & ~target_mask(labels, num_classes)
-    log_sum = jax.nn.logsumexp(jnp.where(others, s_prev * cos, -jnp.inf))
-    theta = safe_arccos(take_target(cos, labels))
+    others = ~target_mask(labels, cos.shape[1])
+    log_terms = jax.nn.logsumexp(jnp.where(others, s_prev * cos, -jnp.inf), axis=-1)
+    return adacos_scale_from_statistics(
+        log_terms, take_target(cos, labels), s_prev, where=where, axis_name=axis_name
+    )
+
+
+def adacos_scale_from_statistics(
+    log_terms: ArrayLike,
+    target_cos: ArrayLike,
+    prev_scale: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """The AdaCos scale of `adacos_dynamic_scale` from per-row statistics.
+
+    Args:
+      log_terms: [B] log Σ_{k≠y_i} exp(s_prev·c_ik) per row (any form of the
+        loss computes it: dense, class-chunked or class-sharded).
+      target_cos: [B] target cosines c_{i,y_i}.
+      prev_scale: scalar s_prev.
+      where: optional bool [B].
+      axis_name: optional device axis (statistics of the global batch).
+
+    Returns:
+      Scalar s_new, without gradient (``prev_scale`` if no row is valid).
+    """
+    log_terms, target_cos = _sg(jnp.asarray(log_terms)), _sg(jnp.asarray(target_cos))
+    s_prev = _sg(jnp.asarray(prev_scale, log_terms.dtype))
+    valid = jnp.ones(log_terms.shape, bool) if where is None else jnp.asarray(where)
+    log_sum = jax.nn.logsumexp(jnp.where(valid, log_terms, -jnp.inf))
+    theta = safe_arccos(target_cos)
+    # The global log-sum-exp of the per-device ones; the median needs every
+    # device's angles.
+    log_sum = jax.nn.logsumexp(collective.gather(log_sum[None], axis_name))
+    theta = collective.gather(theta, axis_name)
+    valid = collective.gather(valid, axis_name)
     count = jnp.sum(valid)
-    if axis_name is not None:
-        log_sum = jax.nn.logsumexp(jax.lax.all_gather(log_sum, axis_name))
-        theta = jax.lax.all_gather(theta, axis_name, tiled=True)
-        valid = jax.lax.all_gather(valid, axis_name, tiled=True)
-        count = jax.lax.psum(count, axis_name)
-    log_b_avg = log_sum - jnp.log(jnp.maximum(count, 1).astype(cos.dtype))
+    log_b_avg = log_sum - jnp.log(jnp.maximum(count, 1).astype(log_terms.dtype))
     lower_median = jnp.sort(jnp.where(valid, theta, jnp.inf))[
         jnp.maximum(count - 1, 0) // 2
     ]
     s_new = log_b_avg / jnp.cos(jnp.minimum(jnp.pi / 4, lower_median))
     return jnp.where(count > 0, s_new, s_prev)
+
+
+class AdaCosState(NamedTuple):
+    """Dynamic AdaCos's scale of the previous step (scalar; 0: not yet set)."""
+
+    scale: jax.Array
+
+
+def init_adacos_state(num_classes: int | None = None) -> AdaCosState:
+    """The fixed scale of ``num_classes`` classes, or 0 (the first step then
+    starts from the fixed scale of the loss's class count).
+
+    Example:
+      >>> from margin_jax import init_adacos_state
+      >>> round(float(init_adacos_state(101).scale), 4)  # sqrt(2)·ln(100)
+      6.5127
+    """
+    if num_classes is None:
+        return AdaCosState(scale=jnp.zeros((), jnp.float32))
+    return AdaCosState(scale=adacos_fixed_scale(num_classes))
 
 
 class CurricularState(NamedTuple):
@@ -155,6 +203,8 @@ def update_curricular_state(
       >>> round(float(state.t), 6)
       0.01
     """
-    mean = _checks.masked_mean(_sg(jnp.asarray(target_cos)), where, axis_name)
+    mean = collective.global_mean(
+        _sg(jnp.asarray(target_cos)), where=where, axis_name=axis_name
+    )
     t = (1.0 - momentum) * mean + momentum * jnp.asarray(state.t, mean.dtype)
     return CurricularState(t=t)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from margin_jax import _checks
-from margin_jax.pairs import _check_labels_in_range, _prepare
+from margin_jax import _checks, collective
+from margin_jax.batch import check_labels_in_range, prepare_embeddings
 
 __all__ = ["CenterState", "init_centers", "center_loss", "update_centers"]
 
@@ -95,7 +95,7 @@ def _check(embeddings, labels, state, where, fn: str) -> None:
         )
     _checks.check_labels(labels, shape[0], fn, ref="embeddings", ref_shape=shape)
     _checks.check_where(where, shape[0], fn, ref="embeddings", ref_shape=shape)
-    _check_labels_in_range(labels, where, c_shape[0], fn, "state.centers", c_shape)
+    check_labels_in_range(labels, where, c_shape[0], fn, "state.centers", c_shape)
 
 
 def center_loss(
@@ -144,7 +144,7 @@ def center_loss(
 @jax.jit
 def _center_loss_core(embeddings, labels, state, where):
     dtype = _checks.compute_dtype(embeddings, state.centers)
-    x, valid = _prepare(embeddings, where, dtype)
+    x, valid = prepare_embeddings(embeddings, where, dtype)
     labels = jnp.where(valid, jnp.asarray(labels), 0)
     c = lax.stop_gradient(jnp.asarray(state.centers, dtype))
     diff = x - jnp.take(c, labels, axis=0, mode="clip")
@@ -172,9 +172,9 @@ def update_centers(
       labels: integer [B] in [0, C).
       alpha: α, the centre learning rate (may be traced); Wen et al. use 0.5.
       where: optional bool [B]; False rows do not count.
-      axis_name: optional pmap / shard_map axis: n_j and the sums run over all
-        devices, so every device gets the single-device update of the
-        concatenated batch.
+      axis_name: optional pmap / shard_map axis (`margin_jax.collective`): n_j
+        and the sums run over all devices, so every device gets the
+        single-device update of the concatenated batch.
 
     Returns:
       New `CenterState`, centres [C, D] in the centres' dtype.
@@ -202,13 +202,12 @@ def update_centers(
 def _update_core(state, embeddings, labels, alpha, where, *, axis_name):
     c = state.centers
     dtype = _checks.compute_dtype(embeddings, c)
-    x, valid = _prepare(lax.stop_gradient(embeddings), where, dtype)
+    x, valid = prepare_embeddings(lax.stop_gradient(embeddings), where, dtype)
     labels = jnp.where(valid, jnp.asarray(labels), 0)
     num_classes = c.shape[0]
     counts = jax.ops.segment_sum(valid.astype(dtype), labels, num_classes)
     sums = jax.ops.segment_sum(x, labels, num_classes)
-    if axis_name is not None:
-        counts, sums = lax.psum((counts, sums), axis_name)
+    counts, sums = collective.psum_no_grad((counts, sums), axis_name)
     c32 = lax.stop_gradient(jnp.asarray(c, dtype))
     delta = (counts[:, None] * c32 - sums) / (1.0 + counts[:, None])
     new = c32 - jnp.asarray(alpha, dtype) * delta

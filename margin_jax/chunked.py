@@ -1,23 +1,24 @@
 """Margin softmax for millions of classes: class-chunked, class-sharded, Partial FC.
 
-The dense composer builds the logits [B, C]; at C = 10^6 that is 1 GB for B = 256
-in float32, before its gradient. The functions here compute the same loss
-exactly, with the same stage functions, without ever holding more than one block
-[B, chunk] of logits:
+The dense form builds the logits [B, C]; at C = 10^6 that is 1 GB for B = 256
+in float32, before its gradient. The two forms here compute the same loss
+exactly, with the same `Stages` and the same composer (`margin_jax.composer`),
+without ever holding more than one block [B, chunk] of logits:
 
-* the target logit f(c_y) is computed once from the gathered target rows
+* the target cosine c_y is computed once from the gathered target rows
   W[y] [B, D];
 * the non-target gaps d_ij = s·(g(c_ij, f_i) - f_i) are reduced block by block
-  with an online log-sum-exp, lse_i = log Σ_{j≠y_i} exp(d_ij), and the loss is
-  softplus(lse_i) = log(1 + Σ_{j≠y} exp(d_ij)), which is the cross-entropy
-  without a cancellation-prone subtraction from a full sum;
+  into the partial cross-entropy sum (m, r) of `margin_jax.cross_entropy`
+  (an online log-sum-exp), from which the composer takes the loss
+  m + log1p(expm1(-m) + r), as in the dense form;
 * the backward pass (a `jax.custom_vjp`) recomputes each block and accumulates
   dL/dx and dL/dW block by block.
 
-Peak memory is O(B·chunk) for the loss plus the O(C·D) of W and its gradient.
-Any elementwise non-target stage (`margin_jax.masks`) and any target stage
-(`margin_jax.margins`) work, so NormFace, CosFace, ArcFace, combined,
-SphereFace (normalised), SV / MV, CurricularFace and EqM all run chunked.
+Each block's cosines are x̂·wⱼ / ||wⱼ||: the product with the raw W scaled by
+the inverse row norms, so no normalised copy of W [C, D] is ever written.
+
+Peak memory is O(B·chunk) for the loss plus the O(C·D) of W and its gradient;
+the default chunk is chosen from a memory budget (`default_chunk_size`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from margin_jax import _checks
-from margin_jax.cosine import clip_cosine, l2_normalize, normalize_rows_fast
+from margin_jax.collective import varying_axes
+from margin_jax.composer import Form, compose, resolve_stages, stage_gaps
+from margin_jax.cosine import clip_cosine, inverse_row_norms, l2_normalize
+from margin_jax.cross_entropy import combine_partials
 
 __all__ = [
     "chunked_margin_loss",
@@ -40,20 +44,44 @@ __all__ = [
     "partial_fc_sample",
     "PartialFCSample",
     "non_target_logsumexp",
+    "default_chunk_size",
+    "MEMORY_BUDGET",
 ]
 
-DEFAULT_CHUNK = 2048
+# Bytes the [B, chunk] blocks of one loss may take: about four such arrays are
+# live at once in a backward block (cosines, gaps, probabilities, their VJP).
+MEMORY_BUDGET = 256 * 2**20
+_LIVE_BLOCKS = 4
+
+
+def default_chunk_size(batch: int, *, budget: int = MEMORY_BUDGET) -> int:
+    """Classes per block so that the blocks of a batch of ``batch`` fit ``budget``.
+
+    A multiple of 128, at least 128: budget / (4 arrays · 4 bytes · batch).
+
+    Example:
+      >>> from margin_jax import default_chunk_size
+      >>> default_chunk_size(256)  # 256 MiB / (4 · 4 B · 256)
+      65536
+    """
+    chunk = budget // (_LIVE_BLOCKS * 4 * max(int(batch), 1))
+    return max(128, chunk // 128 * 128)
 
 
 def _gap_fn(non_target_fn):
     """(x̂ [B, D], W block [n, D], f [B], s [B]) -> gaps s·(g(c, f) - f) [B, n]."""
 
     def gaps(x_hat, w_block, target, scale):
-        cos = clip_cosine(x_hat @ normalize_rows_fast(w_block).T)
-        z = cos if non_target_fn is None else non_target_fn(cos, target[:, None])
-        return scale[:, None] * (z - target[:, None])
+        cos = clip_cosine((x_hat @ w_block.T) * inverse_row_norms(w_block)[None, :])
+        return stage_gaps(cos, target, scale, non_target_fn)
 
     return gaps
+
+
+def _vary_like(x, *refs):
+    """``x`` typed as varying over every shard_map axis some of ``refs`` vary over."""
+    axes = frozenset().union(*(varying_axes(r) for r in refs)) - varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
 def _zeros_like(x, *deps):
@@ -77,45 +105,49 @@ def _block_mask(k, start, chunk, labels, offset, num_valid):
     return (rows >= k * chunk) & (rows < num_valid) & (rows + offset != labels[:, None])
 
 
-def _lse_forward(
+def _partials_forward(
     gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, consts
 ):
     num_rows = weights.shape[0]
     n_blocks = -(-num_rows // chunk)
 
     def body(k, carry):
-        top, total = carry
         start = _block(k, chunk, num_rows)
         w_block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
         gaps = gap(x_hat, w_block, target, scale, *consts)
         mask = _block_mask(k, start, chunk, labels, offset, num_valid)
-        new_top = jnp.maximum(top, jnp.max(jnp.where(mask, gaps, 0.0), axis=-1))
-        terms = jnp.where(mask, jnp.exp(gaps - new_top[:, None]), 0.0)
-        return new_top, total * jnp.exp(top - new_top) + jnp.sum(terms, axis=-1)
+        top = jnp.max(jnp.where(mask, gaps, 0.0), axis=-1)
+        rest = jnp.sum(jnp.where(mask, jnp.exp(gaps - top[:, None]), 0.0), axis=-1)
+        return combine_partials(carry, (top, rest))
 
     zeros = _zeros_like(target, x_hat, weights, scale)
-    top, total = jax.lax.fori_loop(0, n_blocks, body, (zeros, zeros))
-    return top + jnp.log(total)  # -inf where no column counts
+    return jax.lax.fori_loop(0, n_blocks, body, (zeros, zeros))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lse(gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, *consts):
-    return _lse_forward(
-        gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, consts
-    )
-
-
-def _lse_fwd(
+def _partials(
     gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, *consts
 ):
-    lse = _lse_forward(
+    return _partials_forward(
         gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, consts
     )
-    return lse, (x_hat, weights, target, scale, labels, offset, num_valid, consts, lse)
 
 
-def _lse_bwd(gap, chunk, residuals, cot):
-    x_hat, weights, target, scale, labels, offset, num_valid, consts, lse = residuals
+def _partials_fwd(
+    gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, *consts
+):
+    top, rest = _partials_forward(
+        gap, chunk, x_hat, weights, target, scale, labels, offset, num_valid, consts
+    )
+    residuals = (x_hat, weights, target, scale, labels, offset, num_valid, consts, top)
+    return (top, rest), residuals
+
+
+def _partials_bwd(gap, chunk, residuals, cotangents):
+    # m is a shift without gradient: the loss m + log1p(expm1(-m) + r) does not
+    # depend on it, so only r's cotangent flows, d r / d gap_ij = exp(gap_ij - m).
+    x_hat, weights, target, scale, labels, offset, num_valid, consts, top = residuals
+    cot = cotangents[1]
     num_rows = weights.shape[0]
     n_blocks = -(-num_rows // chunk)
     float_consts = [jnp.issubdtype(c.dtype, jnp.inexact) for c in consts]
@@ -126,9 +158,8 @@ def _lse_bwd(gap, chunk, residuals, cot):
         w_block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
         gaps, vjp = jax.vjp(gap, x_hat, w_block, target, scale, *consts)
         mask = _block_mask(k, start, chunk, labels, offset, num_valid)
-        # d lse_i / d gap_ij = softmax over the counted columns = exp(gap - lse).
-        probs = jnp.where(mask, jnp.exp(jnp.where(mask, gaps - lse[:, None], 0.0)), 0.0)
-        grads = vjp(probs * cot[:, None])
+        terms = jnp.exp(jnp.where(mask, gaps - top[:, None], 0.0))
+        grads = vjp(jnp.where(mask, terms, 0.0) * cot[:, None])
         block_dw = jax.lax.dynamic_slice_in_dim(d_w, start, chunk) + grads[1]
         d_w = jax.lax.dynamic_update_slice_in_dim(d_w, block_dw, start, axis=0)
         d_consts = tuple(
@@ -155,7 +186,48 @@ def _lse_bwd(gap, chunk, residuals, cot):
     return (d_x, d_w, d_target, d_scale, None, None, None, *d_consts)
 
 
-_lse.defvjp(_lse_fwd, _lse_bwd)
+_partials.defvjp(_partials_fwd, _partials_bwd)
+
+
+def block_partials(
+    x_hat,
+    weights,
+    target,
+    scale,
+    labels,
+    *,
+    non_target_fn=None,
+    chunk_size: int,
+    offset: ArrayLike = 0,
+    num_valid: ArrayLike | None = None,
+):
+    """The partial (m, r) of the non-target gaps over the rows of ``weights``.
+
+    Rows that count: index < ``num_valid`` and class (``offset`` + row) not the
+    label. Blocks of ``chunk_size`` rows (clipped to N); the VJP recomputes
+    each block.
+    """
+    chunk = int(min(chunk_size, weights.shape[0]))
+    if num_valid is None:
+        num_valid = weights.shape[0]
+    # Under shard_map every float input must vary over the axes x̂ and W vary
+    # over (a scale replicated on every device becomes one copy per device,
+    # whose cotangents the cast's transpose sums back).
+    target, scale = (_vary_like(a, x_hat, weights) for a in (target, scale))
+    gap = _gap_fn(non_target_fn)
+    converted, consts = jax.closure_convert(gap, x_hat, weights[:chunk], target, scale)
+    return _partials(
+        converted,
+        chunk,
+        x_hat,
+        weights,
+        target,
+        scale,
+        labels,
+        jnp.asarray(offset, jnp.int32),
+        jnp.asarray(num_valid, jnp.int32),
+        *consts,
+    )
 
 
 def non_target_logsumexp(
@@ -166,7 +238,7 @@ def non_target_logsumexp(
     labels: jax.Array,
     *,
     non_target_fn=None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     offset: ArrayLike = 0,
     num_valid: ArrayLike | None = None,
 ) -> jax.Array:
@@ -174,12 +246,13 @@ def non_target_logsumexp(
 
     The rows that count are those with index < ``num_valid`` whose class
     (``offset`` + row) is not the label. Computed in blocks of ``chunk_size`` rows
-    with an online log-sum-exp; the VJP recomputes each block. -inf where no row
-    counts.
+    (default `default_chunk_size`) with an online log-sum-exp; the VJP
+    recomputes each block. -inf where no row counts.
 
     Args:
       x_hat: [B, D] normalised embeddings.
-      weights: [N, D] class centres (raw; each block is normalised on the fly).
+      weights: [N, D] class centres (raw; each block's cosines are scaled by the
+        inverse row norms).
       target: [B] margined target logits f(c_y) (before scaling).
       scale: [B] scales s_i.
       labels: [B] global class indices.
@@ -200,23 +273,20 @@ def non_target_logsumexp(
       >>> round(float(lse[0]), 4)  # log(e^(0-1) + e^(-1-1))
       -0.6867
     """
-    chunk = int(min(chunk_size, weights.shape[0]))
-    if num_valid is None:
-        num_valid = weights.shape[0]
-    gap = _gap_fn(non_target_fn)
-    converted, consts = jax.closure_convert(gap, x_hat, weights[:chunk], target, scale)
-    return _lse(
-        converted,
-        chunk,
+    if chunk_size is None:
+        chunk_size = default_chunk_size(x_hat.shape[0])
+    top, rest = block_partials(
         x_hat,
         weights,
         target,
         scale,
         labels,
-        jnp.asarray(offset, jnp.int32),
-        jnp.asarray(num_valid, jnp.int32),
-        *consts,
+        non_target_fn=non_target_fn,
+        chunk_size=chunk_size,
+        offset=offset,
+        num_valid=num_valid,
     )
+    return top + jnp.log(rest)
 
 
 def _check_chunk(chunk_size, fn):
@@ -230,23 +300,36 @@ def _check_chunk(chunk_size, fn):
         )
 
 
-def _validate(fn, embeddings, weights, labels, where, weights_layout="[C, D]"):
+def _prepare(fn, embeddings, weights, labels, where, weights_layout, chunk_size):
+    """Validated inputs in the compute dtype; x̂ of padded rows is zero."""
     _checks.check_embeddings_weights(
         embeddings, weights, fn, weights_layout=weights_layout
     )
     batch = np.shape(embeddings)[0]
-    _checks.check_labels(
-        labels, batch, fn, ref="embeddings", ref_shape=np.shape(embeddings)
-    )
-    _checks.check_where(
-        where, batch, fn, ref="embeddings", ref_shape=np.shape(embeddings)
-    )
+    ref = dict(ref="embeddings", ref_shape=np.shape(embeddings))
+    _checks.check_labels(labels, batch, fn, **ref)
+    _checks.check_where(where, batch, fn, **ref)
+    chunk = default_chunk_size(batch) if chunk_size is None else chunk_size
+    _check_chunk(chunk, fn)
+    embeddings, weights = jnp.asarray(embeddings), jnp.asarray(weights)
+    dtype = _checks.compute_dtype(embeddings, weights)
+    x = embeddings.astype(dtype)
+    x_hat = l2_normalize(x)
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), -1), jnp.finfo(dtype).tiny))
+    if where is not None:
+        where = jnp.asarray(where)
+        x_hat = jnp.where(where[:, None], x_hat, 0.0)
+    return x_hat, norm, weights.astype(dtype), jnp.asarray(labels), where, chunk, dtype
 
 
-def _target_logits(x_hat, target_rows, target_fn):
-    """f(c_y) [B] from the gathered target rows W[y] [B, D]."""
-    c_y = clip_cosine(jnp.sum(x_hat * normalize_rows_fast(target_rows), axis=-1))
-    return target_fn(c_y)
+def _target_cos(x_hat, target_rows):
+    """c_y [B] from the gathered target rows W[y] [B, D]."""
+    return jnp.sum(x_hat * target_rows, axis=-1) * inverse_row_norms(target_rows)
+
+
+def _lse_of(partials):
+    top, rest = partials
+    return top + jnp.log(rest)
 
 
 def chunked_margin_loss(
@@ -254,80 +337,79 @@ def chunked_margin_loss(
     weights: ArrayLike,
     labels: ArrayLike,
     *,
-    target_fn,
+    stages=None,
+    target_fn=None,
     non_target_fn=None,
-    scale: ArrayLike,
-    chunk_size: int = DEFAULT_CHUNK,
+    scale: ArrayLike | None = None,
+    chunk_size: int | None = None,
     where: ArrayLike | None = None,
-) -> jax.Array:
+    axis_name=None,
+):
     """Exact margin softmax over class blocks: never builds the logits [B, C].
 
     Equal in value and gradient (w.r.t. embeddings, weights, scale and traced
     hyperparameters) to ``margin_softmax_loss(cosine_logits(embeddings, weights),
-    labels, target_fn=..., non_target_fn=..., scale=...)``, with peak memory
-    O(B·chunk_size) for the loss instead of O(B·C).
+    labels, stages=...)``, with peak memory O(B·chunk_size) for the loss instead
+    of O(B·C). Any `Stages` runs, a registered one (``NAMED_STAGES``) or your own.
 
     Args:
       embeddings: [B, D] features (normalised inside).
-      weights: [C, D] class centres (normalised inside, block by block).
+      weights: [C, D] class centres (each row divided by its norm inside).
       labels: [B] integer labels in [0, C).
+      stages: a `Stages`, or instead the stage keywords:
       target_fn: target stage, as for `margin_softmax_loss`.
       non_target_fn: optional elementwise non-target stage.
       scale: s, scalar or [B].
       chunk_size: classes per block (static int); C need not be a multiple, and
-        C < chunk_size is one block. Default 2048: the loss then needs about
-        16 MiB at B = 256, D = 512 whatever C (1.6% of the dense logits at C = 1M).
+        C < chunk_size is one block. Default `default_chunk_size(B)`: the blocks
+        then take about `MEMORY_BUDGET` (256 MiB) whatever C.
       where: optional bool [B]; False rows give 0 and no gradient.
+      axis_name: the device axis the batch statistics of ``stages`` cover (data
+        parallel, W replicated).
 
     Returns:
-      [B] per-example loss (float32 or wider).
+      [B] per-example loss (float32 or wider); ``(loss, new_state)`` when
+      ``stages.state`` is set.
 
     Example:
-      >>> import functools, jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> import margin_jax as mj
       >>> x = jax.random.normal(jax.random.key(0), (4, 8))
       >>> w = jax.random.normal(jax.random.key(1), (1000, 8))
       >>> y = jnp.array([3, 999, 0, 512])
-      >>> f = functools.partial(mj.arcface_target, margin=0.5)
-      >>> a = mj.chunked_margin_loss(x, w, y, target_fn=f, scale=64.0, chunk_size=96)
-      >>> b = mj.margin_softmax_loss(mj.cosine_logits(x, w), y, target_fn=f, scale=64.0)
+      >>> stages = mj.arcface_stages(margin=0.5, scale=64.0)
+      >>> a = mj.chunked_margin_loss(x, w, y, stages=stages, chunk_size=96)
+      >>> b = mj.margin_softmax_loss(mj.cosine_logits(x, w), y, stages=stages)
       >>> bool(jnp.allclose(a, b, rtol=1e-5))
       True
     """
     fn = "chunked_margin_loss"
-    _validate(fn, embeddings, weights, labels, where)
-    _check_chunk(chunk_size, fn)
-    embeddings, weights = jnp.asarray(embeddings), jnp.asarray(weights)
-    dtype = _checks.compute_dtype(embeddings, weights)
+    x_hat, norm, weights, labels, where, chunk, dtype = _prepare(
+        fn, embeddings, weights, labels, where, "[C, D]", chunk_size
+    )
+    stages = resolve_stages(stages, target_fn, non_target_fn, scale, fn)
     num_classes = weights.shape[0]
     if _checks.is_concrete(labels):
         _checks.check_labels(
             labels,
-            embeddings.shape[0],
+            x_hat.shape[0],
             fn,
             num_classes=num_classes,
             ref="weights",
             ref_shape=weights.shape,
         )
-    x_hat = l2_normalize(embeddings.astype(dtype))
-    weights = weights.astype(dtype)
-    labels = jnp.asarray(labels)
-    if where is not None:
-        where = jnp.asarray(where)
-        x_hat = jnp.where(where[:, None], x_hat, 0.0)
-    scale = _checks.scale_vector(scale, x_hat.shape[0], dtype, fn, where=where)
-    target = _target_logits(x_hat, jnp.take(weights, labels, axis=0), target_fn)
-    lse = non_target_logsumexp(
-        x_hat,
-        weights,
-        target,
-        scale,
-        labels,
-        non_target_fn=non_target_fn,
-        chunk_size=chunk_size,
-    )
-    loss = jax.nn.softplus(lse)
-    return loss if where is None else jnp.where(where, loss, 0.0)
+    target_cos = clip_cosine(_target_cos(x_hat, jnp.take(weights, labels, axis=0)))
+
+    def partials(target, s, g):
+        return block_partials(
+            x_hat, weights, target, s, labels, non_target_fn=g, chunk_size=chunk
+        )
+
+    def lse(s):
+        return _lse_of(partials(jnp.zeros_like(s), s, None))
+
+    form = Form(target_cos, partials, lse, num_classes, norm)
+    return compose(stages, form, where=where, axis_name=axis_name, fn=fn, dtype=dtype)
 
 
 def sharded_margin_loss(
@@ -336,22 +418,25 @@ def sharded_margin_loss(
     labels: ArrayLike,
     *,
     axis_name: str,
-    target_fn,
+    stages=None,
+    target_fn=None,
     non_target_fn=None,
-    scale: ArrayLike,
+    scale: ArrayLike | None = None,
     chunk_size: int | None = None,
     where: ArrayLike | None = None,
     num_classes: int | None = None,
     num_valid: ArrayLike | None = None,
-) -> jax.Array:
+):
     """Margin softmax with W sharded by class over a device axis (model parallel).
 
     Call inside `jax.pmap` or `jax.shard_map`. Device d holds the classes
     [d·C_d, (d+1)·C_d) as ``weights_shard`` [C_d, D] and its own slice of the
-    batch. Embeddings and labels are all-gathered; each device computes the
-    logits of the global batch against its shard (block by block when
-    ``chunk_size`` is set) and the per-shard log-sum-exps are combined across
-    devices. Returns the loss of the device's own rows.
+    batch. Embeddings and labels are all-gathered; each device reduces the
+    gaps of the global batch against its shard (block by block) into a partial
+    cross-entropy sum, and the partials of all devices are combined; the
+    composer then runs as in every form, on the global batch (so batch
+    statistics and example weights see the whole batch). Returns the loss of
+    the device's own rows.
 
     Gradients: with the per-device objective ``J_d = loss.sum() / B_global`` (so
     that Σ_d J_d is the global mean), `jax.grad` inside pmap/shard_map gives each
@@ -368,83 +453,99 @@ def sharded_margin_loss(
       weights_shard: [C_d, D] this device's class centres.
       labels: [b] global class indices.
       axis_name: the device axis.
-      target_fn, non_target_fn, scale: as for `margin_softmax_loss` (scale may be
-        a scalar or this device's [b]).
-      chunk_size: block size inside each shard (default: the whole shard).
+      stages: a `Stages`, or the stage keywords ``target_fn``,
+        ``non_target_fn``, ``scale`` as for `margin_softmax_loss` (a per-example
+        scale is this device's [b]).
+      chunk_size: block size inside each shard (default `default_chunk_size`
+        of the global batch).
       where: optional bool [b].
       num_classes: the real class count C <= n_devices·C_d (default equal).
       num_valid: instead of ``num_classes``, this device's count of real rows
         (a prefix of the shard), e.g. `PartialFCSample.num_valid`.
 
     Returns:
-      [b] per-example loss for this device's rows.
+      [b] per-example loss for this device's rows; ``(loss, new_state)`` when
+      ``stages.state`` is set (the same state on every device).
 
     Example:
-      >>> import functools, jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> import margin_jax as mj
       >>> n = jax.local_device_count()
       >>> x = jax.random.normal(jax.random.key(0), (n, 2, 8))       # [devices, b, D]
       >>> w = jax.random.normal(jax.random.key(1), (n, 5, 8))       # 5 classes each
       >>> y = jnp.arange(2 * n).reshape(n, 2) % (5 * n)
-      >>> f = functools.partial(mj.arcface_target, margin=0.5)
+      >>> stages = mj.arcface_stages(margin=0.5, scale=64.0)
       >>> loss = jax.pmap(lambda x, w, y: mj.sharded_margin_loss(
-      ...     x, w, y, axis_name="d", target_fn=f, scale=64.0), axis_name="d")(x, w, y)
+      ...     x, w, y, axis_name="d", stages=stages), axis_name="d")(x, w, y)
       >>> dense = mj.arcface_loss(mj.cosine_logits(x.reshape(-1, 8), w.reshape(-1, 8)),
       ...                         y.reshape(-1))
       >>> bool(jnp.allclose(loss.reshape(-1), dense, rtol=1e-5))
       True
     """
     fn = "sharded_margin_loss"
-    _validate(fn, embeddings, weights_shard, labels, where, "[C_shard, D]")
-    embeddings, weights_shard = jnp.asarray(embeddings), jnp.asarray(weights_shard)
-    dtype = _checks.compute_dtype(embeddings, weights_shard)
-    local_batch, shard_rows = embeddings.shape[0], weights_shard.shape[0]
-    chunk = shard_rows if chunk_size is None else chunk_size
-    _check_chunk(chunk, fn)
+    stages = resolve_stages(stages, target_fn, non_target_fn, scale, fn)
+    local_batch = np.shape(embeddings)[0]
+    n_dev = jax.lax.axis_size(axis_name)
+    x_hat, norm, weights_shard, labels, where, chunk, dtype = _prepare(
+        fn,
+        embeddings,
+        weights_shard,
+        labels,
+        where,
+        "[C_shard, D]",
+        default_chunk_size(local_batch * n_dev) if chunk_size is None else chunk_size,
+    )
+    shard_rows = weights_shard.shape[0]
     device = jax.lax.axis_index(axis_name)
     offset = device * shard_rows
-    total_rows = jax.lax.axis_size(axis_name) * shard_rows
+    total_rows = n_dev * shard_rows
     if num_valid is None:
         num_classes = total_rows if num_classes is None else num_classes
         num_valid = jnp.clip(num_classes - offset, 0, shard_rows)
     elif num_classes is not None:
         raise ValueError(f"{fn}: give `num_classes` or `num_valid`, not both.")
+    else:
+        num_classes = total_rows  # Partial FC: the sampled rows of every device
 
-    valid = jnp.ones((local_batch,), bool) if where is None else jnp.asarray(where)
-    x_hat = l2_normalize(embeddings.astype(dtype))
-    x_hat = jnp.where(valid[:, None], x_hat, 0.0)
-    scale = _checks.scale_vector(scale, local_batch, dtype, fn, where=valid)
     gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
-    x_all, labels_all, scale_all = (
-        gather(x_hat),
-        gather(jnp.asarray(labels)),
-        gather(scale),
-    )
-    weights_shard = weights_shard.astype(dtype)
+    if jnp.ndim(stages.scale) == 1:  # this device's per-example scale
+        local = _checks.scale_vector(stages.scale, local_batch, dtype, fn, where=where)
+        stages = stages._replace(scale=gather(local))
+    x_all, labels_all, norm_all = gather(x_hat), gather(labels), gather(norm)
+    where_all = None if where is None else gather(where)
 
-    # Target cosines: the device owning y_i contributes x̂_i · ŵ_{y_i}.
-    local = labels_all - offset
-    owned = (local >= 0) & (local < shard_rows)
-    rows = jnp.take(weights_shard, jnp.clip(local, 0, shard_rows - 1), axis=0)
-    part = jnp.where(owned, jnp.sum(x_all * normalize_rows_fast(rows), axis=-1), 0.0)
-    c_y = clip_cosine(jnp.sum(jax.lax.all_gather(part, axis_name), axis=0))
-    target = target_fn(c_y)
+    # Target cosines: the device owning y_i contributes x̂_i · w_{y_i} / ||w_{y_i}||.
+    local_labels = labels_all - offset
+    owned = (local_labels >= 0) & (local_labels < shard_rows)
+    rows = jnp.take(weights_shard, jnp.clip(local_labels, 0, shard_rows - 1), axis=0)
+    part = jnp.where(owned, _target_cos(x_all, rows), 0.0)
+    target_cos = clip_cosine(jnp.sum(jax.lax.all_gather(part, axis_name), axis=0))
 
-    lse_shard = non_target_logsumexp(
-        x_all,
-        weights_shard,
-        target,
-        scale_all,
-        labels_all,
-        non_target_fn=non_target_fn,
-        chunk_size=chunk,
-        offset=offset,
-        num_valid=num_valid,
-    )
-    lse = jax.nn.logsumexp(jax.lax.all_gather(lse_shard, axis_name), axis=0)
-    loss = jax.nn.softplus(lse)
+    def partials(target, s, g):
+        top, rest = block_partials(
+            x_all,
+            weights_shard,
+            target,
+            s,
+            labels_all,
+            non_target_fn=g,
+            chunk_size=min(chunk, shard_rows),
+            offset=offset,
+            num_valid=num_valid,
+        )
+        tops = jax.lax.all_gather(top, axis_name)
+        rests = jax.lax.all_gather(rest, axis_name)
+        top_all = jax.lax.stop_gradient(jnp.max(tops, axis=0))
+        return top_all, jnp.sum(rests * jnp.exp(tops - top_all[None]), axis=0)
+
+    def lse(s):
+        return _lse_of(partials(jnp.zeros_like(s), s, None))
+
+    form = Form(target_cos, partials, lse, num_classes, norm_all)
+    out = compose(stages, form, where=where_all, axis_name=None, fn=fn, dtype=dtype)
+    loss, state = out if stages.state is not None else (out, None)
     loss = jax.lax.dynamic_slice_in_dim(loss, device * local_batch, local_batch)
-    return jnp.where(valid, loss, 0.0)
+    return loss if state is None else (loss, state)
 
 
 class PartialFCSample(NamedTuple):

@@ -13,7 +13,6 @@ take ``where`` (bool [B]) for padding, and compute in float32 or wider.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -21,26 +20,24 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from margin_jax import _checks
-from margin_jax.adaptive import CurricularState, update_curricular_state
-from margin_jax.cosine import put_target, take_target, target_mask
-from margin_jax.margins import (
-    arcface_target,
-    check_sphere_margin,
-    combined_target,
-    cosface_target,
-    eqm_target,
-    normface_target,
-    sphereface_target,
-)
-from margin_jax.margins import straight_through as _straight_through
-from margin_jax.masks import (
-    MV_MODES,
-    curricular_non_target,
-    eqm_non_target,
-    focal_weight_from_ce,
-    hard_mining_mask,
-    mv_non_target,
-    sv_non_target,
+from margin_jax.adaptive import CurricularState
+from margin_jax.composer import compose, dense_form, resolve_stages
+from margin_jax.cosine import put_target, take_target
+from margin_jax.cross_entropy import cross_entropy_from_gaps
+from margin_jax.masks import focal_weight_from_ce, hard_mining_mask
+from margin_jax.stages import (
+    MARGIN_TYPES,
+    Stages,
+    arcface_stages,
+    combined_stages,
+    cosface_stages,
+    curricularface_stages,
+    eqm_stages,
+    margin_target_fn,
+    mv_softmax_stages,
+    normface_stages,
+    sphereface_stages,
+    sv_softmax_stages,
 )
 
 __all__ = [
@@ -65,46 +62,17 @@ __all__ = [
 
 TargetFn = Callable[[jax.Array], jax.Array]
 NonTargetFn = Callable[[jax.Array, jax.Array], jax.Array]
-MARGIN_TYPES = ("none", "cosface", "arcface")
-
-
-def _scale_column(scale: ArrayLike, cos: jax.Array, where, fn: str) -> jax.Array:
-    """The scale as a [B, 1] column (scalar or per-example, e.g. ||x_i||)."""
-    return _checks.scale_vector(scale, cos.shape[0], cos.dtype, fn, where=where)[
-        :, None
-    ]
-
-
-def _margin_parts(cos, labels, target_fn, non_target_fn):
-    """(non-target logits z [B, C] before scaling, target logits f(c_y) [B])."""
-    target = target_fn(take_target(cos, labels))
-    z = cos if non_target_fn is None else non_target_fn(cos, target[:, None])
-    return z, target
-
-
-def cross_entropy_from_gaps(gaps: jax.Array, labels: jax.Array) -> jax.Array:
-    """CE = log(1 + Σ_{j≠y} exp(d_j)) from the gaps d_j = z_j - z_y [B, C].
-
-    The target column of ``gaps`` is ignored. Equal to logsumexp(z) - z_y, but
-    computed as m + log1p(expm1(-m) + Σ_{j≠y} exp(d_j - m)) with m = max(0,
-    max_{j≠y} d_j), so a small loss keeps its relative precision (logsumexp(z) -
-    z_y subtracts two numbers near s = 64 and loses it).
-    """
-    # Mask before exp: the target column's gap can overflow exp, and a masked
-    # inf would still turn the gradient into 0·inf = NaN.
-    gaps = jnp.where(~target_mask(labels, gaps.shape[-1]), gaps, -jnp.inf)
-    top = jax.lax.stop_gradient(jnp.max(gaps, axis=-1, initial=0.0))
-    rest = jnp.sum(jnp.exp(gaps - top[:, None]), axis=-1)
-    return top + jnp.log1p(jnp.expm1(-top) + rest)
+_ = (MARGIN_TYPES, margin_target_fn)  # re-exported: margin_jax.losses.margin_target_fn
 
 
 def margin_logits(
     cos: ArrayLike,
     labels: ArrayLike,
     *,
-    target_fn: TargetFn,
+    target_fn: TargetFn | None = None,
     non_target_fn: NonTargetFn | None = None,
-    scale: ArrayLike,
+    scale: ArrayLike | None = None,
+    stages: Stages | None = None,
 ) -> jax.Array:
     """The scaled margin logits s·z [B, C] of the pipeline (no loss taken).
 
@@ -119,6 +87,8 @@ def margin_logits(
       non_target_fn: optional (cos [B, C], f [B, 1]) -> [B, C], elementwise
         (a `margin_jax.masks` stage); its target column is overwritten.
       scale: s, a scalar or per-example [B].
+      stages: instead of the three keywords, a `Stages` without batch
+        statistics or example weight (e.g. ``arcface_stages(margin=0.5)``).
 
     Returns:
       [B, C] logits.
@@ -132,23 +102,34 @@ def margin_logits(
       >>> [[round(float(v), 4) for v in row] for row in logits]
       [[4.5, 1.0], [3.0, 2.5]]
     """
-    cos, labels, _ = _checks.prepare_cos_labels("margin_logits", cos, labels)
-    z, target = _margin_parts(cos, labels, target_fn, non_target_fn)
-    return _scale_column(scale, cos, None, "margin_logits") * put_target(
-        z, labels, target
-    )
+    fn = "margin_logits"
+    cos, labels, _ = _checks.prepare_cos_labels(fn, cos, labels)
+    stages = resolve_stages(stages, target_fn, non_target_fn, scale, fn)
+    if stages.statistics is not None or stages.example_fn is not None:
+        raise ValueError(
+            f"{fn}: the logits of stages with batch statistics or an example "
+            "weight are not defined; use margin_softmax_loss."
+        )
+    target = stages.target_fn(take_target(cos, labels))
+    g = stages.non_target_fn
+    z = cos if g is None else g(cos, target[:, None])
+    s = _checks.scale_vector(stages.scale, cos.shape[0], cos.dtype, fn)
+    return s[:, None] * put_target(z, labels, target)
 
 
 def margin_softmax_loss(
     cos: ArrayLike,
     labels: ArrayLike,
     *,
-    target_fn: TargetFn,
+    stages: Stages | None = None,
+    target_fn: TargetFn | None = None,
     non_target_fn: NonTargetFn | None = None,
-    scale: ArrayLike,
+    scale: ArrayLike | None = None,
     where: ArrayLike | None = None,
-) -> jax.Array:
-    """The composer: CE(s·z, y) with z_y = f(c_y) and z_k = g(c_k, f(c_y)).
+    feature_norm: ArrayLike | None = None,
+    axis_name=None,
+):
+    """The composer, dense form: CE(s·z, y) with z_y = f(c_y) and z_k = g(c_k, f(c_y)).
 
     ℓ_i = logsumexp_j(s·z_ij) - s·f(c_{i,y_i}) = log(1 + Σ_{j≠y} exp(s·(z_ij -
     f))). The target logit is taken once from the [B] vector f(c_y), never
@@ -161,15 +142,20 @@ def margin_softmax_loss(
       cos: [B, C] cosines in [-1, 1] (any float dtype; computed in >= float32).
       labels: [B] integer class indices in [0, C) (checked when concrete;
         undefined under jit if out of range).
+      stages: a `Stages` (e.g. ``NAMED_STAGES["arcface"](margin=0.5)``), or
+        instead the three stage keywords:
       target_fn: target stage, c_y [B] -> f(c_y) [B].
       non_target_fn: optional non-target stage (cos [B, C], f [B, 1]) -> [B, C],
         elementwise; the target column of its output is ignored.
       scale: s, scalar or [B] (no gradient is stopped: wrap it in
         `jax.lax.stop_gradient` if it must not be learned).
       where: optional bool [B]; False rows give exactly 0 and no gradient.
+      feature_norm: [B] ||x_i||, for stages with ``scale=None``.
+      axis_name: the device axis the batch statistics of ``stages`` cover.
 
     Returns:
-      [B] per-example loss in the compute dtype.
+      [B] per-example loss in the compute dtype; ``(loss, new_state)`` when
+      ``stages.state`` is set (CurricularFace, dynamic AdaCos).
 
     Example:
       >>> import functools, jax.numpy as jnp
@@ -181,10 +167,13 @@ def margin_softmax_loss(
     """
     fn = "margin_softmax_loss"
     cos, labels, where = _checks.prepare_cos_labels(fn, cos, labels, where)
-    z, target = _margin_parts(cos, labels, target_fn, non_target_fn)
-    s = _scale_column(scale, cos, where, fn)
-    loss = cross_entropy_from_gaps(s * (z - target[:, None]), labels)
-    return loss if where is None else jnp.where(where, loss, 0.0)
+    stages = resolve_stages(stages, target_fn, non_target_fn, scale, fn)
+    if feature_norm is not None:
+        _checks.check_rank(feature_norm, 1, "feature_norm", fn, "[B]")
+    form = dense_form(cos, labels, feature_norm)
+    return compose(
+        stages, form, where=where, axis_name=axis_name, fn=fn, dtype=cos.dtype
+    )
 
 
 def softmax_loss(
@@ -235,7 +224,7 @@ def normface_loss(
       Wang et al., "NormFace", ACM MM 2017, https://arxiv.org/abs/1704.06369
     """
     return margin_softmax_loss(
-        cos, labels, target_fn=normface_target, scale=scale, where=where
+        cos, labels, stages=normface_stages(scale=scale), where=where
     )
 
 
@@ -260,10 +249,8 @@ def cosface_loss(
     References:
       Wang et al., CosFace, CVPR 2018, https://arxiv.org/abs/1801.09414
     """
-    target_fn = functools.partial(cosface_target, margin=margin)
-    return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, scale=scale, where=where
-    )
+    stages = cosface_stages(margin=margin, scale=scale)
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def arcface_loss(
@@ -291,14 +278,13 @@ def arcface_loss(
     References:
       Deng et al., ArcFace, CVPR 2019, https://arxiv.org/abs/1801.07698
     """
-    target_fn = functools.partial(
-        arcface_target, margin=margin, easy_margin=easy_margin
+    stages = arcface_stages(
+        margin=margin,
+        scale=scale,
+        easy_margin=easy_margin,
+        straight_through=straight_through,
     )
-    if straight_through:
-        target_fn = _straight_through(target_fn)
-    return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, scale=scale, where=where
-    )
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def combined_margin_loss(
@@ -323,10 +309,8 @@ def combined_margin_loss(
       >>> combined_margin_loss(jnp.array([[0.9, 0.1]]), jnp.array([0])).shape
       (1,)
     """
-    target_fn = functools.partial(combined_target, m1=m1, m2=m2, m3=m3)
-    return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, scale=scale, where=where
-    )
+    stages = combined_stages(m1=m1, m2=m2, m3=m3, scale=scale)
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def sphereface_loss(
@@ -379,15 +363,11 @@ def sphereface_loss(
             "sphereface_loss: give either `feature_norm` (original form, [B]) or "
             "`scale` (normalised form, scalar), not both."
         )
-    if feature_norm is not None:
-        _checks.check_rank(feature_norm, 1, "feature_norm", "sphereface_loss", "[B]")
-        scale = feature_norm
-    elif scale is None:
+    if feature_norm is None and scale is None:
         scale = 64.0
-    check_sphere_margin(margin, "sphereface_loss")
-    target_fn = functools.partial(sphereface_target, margin=margin, lambda_=lambda_)
+    stages = sphereface_stages(margin=margin, lambda_=lambda_, scale=scale)
     return margin_softmax_loss(
-        cos, labels, target_fn=target_fn, scale=scale, where=where
+        cos, labels, stages=stages, where=where, feature_norm=feature_norm
     )
 
 
@@ -409,7 +389,8 @@ def adacos_loss(
     References:
       Zhang et al., AdaCos, CVPR 2019, https://arxiv.org/abs/1905.00292
     """
-    return normface_loss(cos, labels, scale=jax.lax.stop_gradient(scale), where=where)
+    stages = normface_stages(scale=jax.lax.stop_gradient(scale))
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def focal_loss(
@@ -468,19 +449,6 @@ def hard_mining_loss(
     return jnp.where(keep, ce, 0.0)
 
 
-def margin_target_fn(margin_type: str, margin: ArrayLike, *, fn: str) -> TargetFn:
-    """The base target stage of SV / MV losses: 'none', 'cosface' or 'arcface'."""
-    if margin_type == "none":
-        return normface_target
-    if margin_type == "cosface":
-        return functools.partial(cosface_target, margin=margin)
-    if margin_type == "arcface":
-        return functools.partial(arcface_target, margin=margin)
-    raise ValueError(
-        f"{fn}: `margin_type` must be one of {MARGIN_TYPES}, got {margin_type!r}."
-    )
-
-
 def sv_softmax_loss(
     cos: ArrayLike,
     labels: ArrayLike,
@@ -515,16 +483,8 @@ def sv_softmax_loss(
       Wang et al., "Support Vector Guided Softmax Loss for Face Recognition",
       arXiv 2018, https://arxiv.org/abs/1812.11317
     """
-    target_fn = margin_target_fn(margin_type, margin, fn="sv_softmax_loss")
-    non_target_fn = functools.partial(sv_non_target, t=t)
-    return margin_softmax_loss(
-        cos,
-        labels,
-        target_fn=target_fn,
-        non_target_fn=non_target_fn,
-        scale=scale,
-        where=where,
-    )
+    stages = sv_softmax_stages(t=t, margin_type=margin_type, margin=margin, scale=scale)
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def mv_softmax_loss(
@@ -554,20 +514,10 @@ def mv_softmax_loss(
       Wang et al., "Mis-classified Vector Guided Softmax Loss for Face
       Recognition", AAAI 2020, https://arxiv.org/abs/1912.00833
     """
-    target_fn = margin_target_fn(margin_type, margin, fn="mv_softmax_loss")
-    if mode not in MV_MODES:
-        raise ValueError(
-            f"mv_softmax_loss: `mode` must be one of {MV_MODES}, got {mode!r}."
-        )
-    non_target_fn = functools.partial(mv_non_target, t=t, mode=mode)
-    return margin_softmax_loss(
-        cos,
-        labels,
-        target_fn=target_fn,
-        non_target_fn=non_target_fn,
-        scale=scale,
-        where=where,
+    stages = mv_softmax_stages(
+        t=t, margin_type=margin_type, margin=margin, mode=mode, scale=scale
     )
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def eqm_loss(
@@ -597,14 +547,8 @@ def eqm_loss(
       >>> round(float(loss[0]), 6)  # log 2: no hinge active
       0.693147
     """
-    return margin_softmax_loss(
-        cos,
-        labels,
-        target_fn=functools.partial(eqm_target, t1=t1),
-        non_target_fn=functools.partial(eqm_non_target, t2=t2),
-        scale=scale,
-        where=where,
-    )
+    stages = eqm_stages(t1=t1, t2=t2, scale=scale)
+    return margin_softmax_loss(cos, labels, stages=stages, where=where)
 
 
 def curricularface_loss(
@@ -646,17 +590,7 @@ def curricularface_loss(
     References:
       Huang et al., CurricularFace, CVPR 2020, https://arxiv.org/abs/2004.00288
     """
-    fn = "curricularface_loss"
-    cos, labels, where = _checks.prepare_cos_labels(fn, cos, labels, where)
-    state = update_curricular_state(
-        state, take_target(cos, labels), where=where, axis_name=axis_name
+    stages = curricularface_stages(margin=margin, scale=scale, state=state)
+    return margin_softmax_loss(
+        cos, labels, stages=stages, where=where, axis_name=axis_name
     )
-    loss = margin_softmax_loss(
-        cos,
-        labels,
-        target_fn=functools.partial(arcface_target, margin=margin),
-        non_target_fn=functools.partial(curricular_non_target, t=state.t),
-        scale=scale,
-        where=where,
-    )
-    return loss, state

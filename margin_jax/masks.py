@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from margin_jax import _checks
+from margin_jax import _checks, collective
 from margin_jax.cosine import target_mask
 
 __all__ = [
@@ -244,7 +244,7 @@ def hard_mining_mask(
       losses: [B] per-example losses (e.g. cross-entropy).
       keep_ratio: r in [0, 1], default 0.9; may be traced.
       where: optional bool [B]; padded rows are never kept.
-      axis_name: optional pmap / shard_map axis name.
+      axis_name: optional pmap / shard_map axis name (`margin_jax.collective`).
 
     Returns:
       bool [B].
@@ -261,11 +261,9 @@ def hard_mining_mask(
     batch = losses.shape[0]
     _checks.check_where(where, batch, fn, ref="losses", ref_shape=losses.shape)
     valid = jnp.ones((batch,), bool) if where is None else jnp.asarray(where)
-    offset = 0
-    if axis_name is not None:
-        losses = jax.lax.all_gather(losses, axis_name, tiled=True)
-        valid = jax.lax.all_gather(valid, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * batch
+    # Ranks over the global batch; each device keeps its own rows of the mask.
+    losses = collective.gather(losses, axis_name)
+    valid = collective.gather(valid, axis_name)
     n = jnp.sum(valid).astype(jnp.float32)
     # + 1e-3 absorbs float rounding of r·n (e.g. 0.9 * 10 = 8.9999998 in float32).
     k = jnp.floor(jnp.asarray(keep_ratio, jnp.float32) * n + 1e-3)
@@ -273,4 +271,4 @@ def hard_mining_mask(
     order = jnp.argsort(-key, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     keep = (rank < k) & valid
-    return jax.lax.dynamic_slice_in_dim(keep, offset, batch)
+    return collective.local_rows(keep, batch, axis_name)

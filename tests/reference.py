@@ -1,7 +1,8 @@
 """Plain-loop float64 NumPy references for the margin-softmax losses.
 
-Written from SPEC.md (sections 0, 1, 4) and the conventions agreed for the
-tests, independently of the implementation in margin_jax/. Everything here is
+Written from the formulas and conventions of docs/losses.md (conventions,
+the margin-softmax pipeline, public names) and those agreed for the tests,
+independently of the implementation in margin_jax/. Everything here is
 deliberately slow and explicit: Python loops over rows and columns, scalar math
 from the `math` module, and gradients written analytically (derivatives of the
 target transform f and the non-target transform g, softmax minus one-hot), never

@@ -19,7 +19,7 @@ _MODULES = [
     "verification",
 ]
 
-_SPEC_NAMES = [
+_PUBLIC_NAMES = [
     "verification_accuracy",
     "tar_at_far",
     "recall_at_k",
@@ -31,7 +31,7 @@ _SPEC_NAMES = [
 
 
 def test_spec_names_are_exported():
-    for name in _SPEC_NAMES:
+    for name in _PUBLIC_NAMES:
         assert callable(getattr(margin_jax.eval, name)), name
     assert set(margin_jax.eval.__all__) == {
         n for n in dir(margin_jax.eval) if not n.startswith("_") and n not in _MODULES

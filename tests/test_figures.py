@@ -1,4 +1,4 @@
-"""train/figures: the checker can fail, the margins' geometry, the gallery CLI.
+"""figures/: the checker can fail, the margins' geometry, the gallery CLI.
 
 The notebooks themselves run in the test command (nbmake); these are the
 pieces whose answers are not visible in a picture.
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import figures
 import margin_jax as mj
-from train import figures
-from train.figures import __main__ as gallery
-from train.figures import gradients, zoo
+from figures import __main__ as gallery
+from figures import gradients, zoo
 
 
 def test_check_loss_passes_exact_gradients_and_catches_a_surrogate():
@@ -87,8 +87,8 @@ def test_gallery_rejects_unknown_figure(capsys):
 
 
 def test_a_diverged_run_is_reported_not_raised(monkeypatch, tmp_path):
+    from figures import hypersphere
     from train import train as train_lib
-    from train.figures import hypersphere
 
     def diverge(config, workdir):
         raise train_lib.NonFiniteLossError("Non-finite loss (nan) at step 3")
@@ -106,7 +106,7 @@ def test_a_diverged_run_is_reported_not_raised(monkeypatch, tmp_path):
 
 
 def test_config_id_changes_with_the_config():
-    from train.figures import hypersphere
+    from figures import hypersphere
 
     a = hypersphere.run_config("arcface", 2, steps=10)
     b = hypersphere.run_config("arcface", 3, steps=10)
@@ -144,7 +144,7 @@ def test_non_target_stages_move_only_support_vectors():
 
 
 def test_reweighting_gradients_sv_focal_and_hard_mining():
-    from train.figures import support_vectors
+    from figures import support_vectors
 
     # Row 0: class 2 beats the margined target (a support vector); row 1 easy.
     cos = jnp.array([[0.5, 0.1, 0.6, -0.2], [0.95, -0.3, 0.0, -0.1]])
@@ -174,7 +174,7 @@ def figure_dirs(monkeypatch, tmp_path):
 
 
 def test_hypersphere_run_embeds_every_digit_and_is_cached(figure_dirs):
-    from train.figures import hypersphere
+    from figures import hypersphere
 
     run = hypersphere.train_run("arcface", 2, steps=2)
     assert run.train_embeddings.shape[1] == 2 and run.centres.shape == (7, 2)
@@ -187,7 +187,7 @@ def test_hypersphere_run_embeds_every_digit_and_is_cached(figure_dirs):
 
 
 def test_support_vector_snapshots_follow_training(figure_dirs):
-    from train.figures import support_vectors
+    from figures import support_vectors
 
     snapshots, loss = support_vectors.train_snapshots(steps=2, every=1)
     assert [s.step for s in snapshots] == [0, 1, 2]

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import margin_jax as mj
+from margin_jax import collective
 from tests.helpers import LOSSES
 
 N_DEV = 8
@@ -152,3 +153,74 @@ def test_adacos_under_shard_map_equals_single_device():
     np.testing.assert_allclose(
         jax.jit(fn)(cos, labels), np.full(N_DEV, single), rtol=1e-5
     )
+
+
+def _mean_loss(w, x, where, axis_name=None):
+    """A replicated parameter w [D] through a per-example term and a global mean."""
+    terms = jnp.sum((x - w) ** 2, axis=-1) * jnp.tanh(x @ w)
+    return collective.global_mean(terms, where=where, axis_name=axis_name)
+
+
+def _mean_batch(seed=9):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=4).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(N_DEV * PER_DEV, 4)).astype(np.float32))
+    where = jnp.asarray(np.arange(N_DEV * PER_DEV) % 4 != 1)
+    return w, x, where
+
+
+def test_global_mean_gradient_rule_pmap():
+    # Value: the global mean on every device. Gradient of a replicated
+    # parameter: the psum (not the mean) of the per-device gradients.
+    w, x, where = _mean_batch()
+    value, grad = jax.value_and_grad(_mean_loss)(w, x, where)
+
+    def step(w, x, m):
+        v, g = jax.value_and_grad(_mean_loss)(w, x, m, "d")
+        return v, jax.lax.psum(g, "d")
+
+    values, grads = jax.pmap(step, axis_name="d", in_axes=(None, 0, 0))(
+        w, _shard(x), _shard(where)
+    )
+    np.testing.assert_allclose(values, np.full(N_DEV, value), rtol=1e-6)
+    np.testing.assert_allclose(grads, np.tile(grad, (N_DEV, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_global_mean_gradient_rule_shard_map():
+    w, x, where = _mean_batch(seed=10)
+    value, grad = jax.value_and_grad(_mean_loss)(w, x, where)
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def shares(w, x, m):
+        # A device-varying copy of w: its gradient is this device's share,
+        # which the step sums over the axis (as under pmap).
+        w_d = jax.lax.pcast(w, "d", to="varying")
+        v, g = jax.value_and_grad(_mean_loss)(w_d, x, m, "d")
+        return v, jax.lax.psum(g, "d")
+
+    def invariant(w, x, m):
+        # The gradient of the invariant w itself: check_vma transposes the
+        # implicit cast to varying into that psum already (no second psum).
+        return jax.value_and_grad(_mean_loss)(w, x, m, "d")
+
+    for step in (shares, invariant):
+        fn = jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(P(), P("d"), P("d")),
+            out_specs=(P(), P()),
+            check_vma=True,
+        )
+        got_value, got_grad = jax.jit(fn)(w, x, where)
+        np.testing.assert_allclose(got_value, value, rtol=1e-6)
+        np.testing.assert_allclose(got_grad, grad, rtol=1e-5, atol=1e-6)
+    # Differentiated outside the map, on the replicated scalar.
+    outer = jax.shard_map(
+        lambda w, x, m: _mean_loss(w, x, m, "d"),
+        mesh=mesh,
+        in_specs=(P(), P("d"), P("d")),
+        out_specs=P(),
+    )
+    got_value, got_grad = jax.jit(jax.value_and_grad(outer))(w, x, where)
+    np.testing.assert_allclose(got_value, value, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, grad, rtol=1e-5, atol=1e-6)

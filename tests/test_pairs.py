@@ -2,6 +2,7 @@
 
 import doctest
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -730,3 +731,24 @@ def test_errors():
 def test_docstring_examples():
     result = doctest.testmod(pairs, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 10
+
+
+@pytest.mark.parametrize("module", ["batch", "collective", "distances", "mining"])
+def test_plumbing_docstring_examples(module):
+    # The distances and miners moved out of pairs (re-exported there, so
+    # doctest.testmod(pairs) no longer runs their examples).
+    mod = importlib.import_module(f"margin_jax.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_moved_names_are_reexported():
+    import margin_jax as mj
+    from margin_jax import distances, mining
+
+    for name in ("pairwise_distances", "positive_mask", "negative_mask", "METRICS"):
+        assert getattr(pairs, name) is getattr(distances, name) is not None
+    for name in ("mine_semi_hard", "mine_batch_hard", "mine_batch_all", "MININGS"):
+        assert getattr(pairs, name) is getattr(mining, name)
+    assert mj.pairs.METRICS == METRICS and mj.pairs.MININGS == MININGS
+    assert mj.pairwise_distances is distances.pairwise_distances

@@ -1065,7 +1065,7 @@ def test_without_where(name, impl, want):
 
 # ---------------------------------------------------------------------------
 # The reference against itself: analytic gradients vs central differences, and
-# the identities of SPEC section 1. These do not touch the implementation.
+# the identities of docs/losses.md. These do not touch the implementation.
 
 
 REF_GRAD_CASES = [

@@ -7,9 +7,20 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from train import checkpoint, input_pipeline, losses_table, train
+from train import (
+    checkpoint,
+    heads,
+    input_pipeline,
+    losses_table,
+    models,
+    parallel,
+    restore,
+    train,
+)
 from train.configs import tiny
 
 NUM_CLASSES = 7
@@ -37,18 +48,18 @@ def _run_steps(config, devices, steps=2):
     graphdef, _, state = train.create_train_state(
         config, (8, 8, 1), NUM_CLASSES, tx, num_shards=len(devices) if sharded else None
     )
-    loss_fn = train.make_loss_fn(config, num_classes=NUM_CLASSES)
+    loss_fn = heads.make_loss_fn(config, num_classes=NUM_CLASSES)
     p_step = train.make_p_train_step(
         graphdef, tx, loss_fn, devices, head=head, num_classes=NUM_CLASSES
     )
-    p_state = train.to_devices(state, devices, sharded=sharded)
+    p_state = parallel.to_devices(state, devices, sharded=sharded)
     for step in range(steps):
         batch = input_pipeline.shard(_batch(step), len(devices))
         p_state, metrics = p_step(p_state, batch)
-    state = train.to_host(p_state, sharded=sharded)
+    state = parallel.to_host(p_state, sharded=sharded)
     if sharded:
-        state = train.full_head(state, NUM_CLASSES)
-    return jax.device_get(state), jax.device_get(train.unreplicate(metrics))
+        state = parallel.full_head(state, NUM_CLASSES)
+    return jax.device_get(state), jax.device_get(parallel.unreplicate(metrics))
 
 
 def _close(a, b):
@@ -83,7 +94,7 @@ def test_top1_predictions_sharded_equals_dense():
     x = rng.normal(size=(16, 8)).astype(np.float32)
     w = rng.normal(size=(21, 8)).astype(np.float32)
     dense = np.argmax(x @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T, axis=1)
-    np.testing.assert_array_equal(train.top1_predictions(x, w, chunk_size=4), dense)
+    np.testing.assert_array_equal(heads.top1_predictions(x, w, chunk_size=4), dense)
     # Padding rows that would win if they counted.
     x = np.abs(x)
     w = -np.abs(w)
@@ -92,11 +103,46 @@ def test_top1_predictions_sharded_equals_dense():
     padded = np.concatenate([w, np.full((3, 8), 10.0, np.float32)]).reshape(8, 3, 8)
 
     def local(x, w):
-        return train.top1_predictions(x, w, chunk_size=2, axis_name="d", num_classes=21)
+        return heads.top1_predictions(x, w, chunk_size=2, axis_name="d", num_classes=21)
 
     out = jax.pmap(local, axis_name="d")(x.reshape(8, 2, 8), padded)
     for device in range(8):  # every device gets the whole batch's predictions
         np.testing.assert_array_equal(out[device], dense)
+
+
+def test_head_weight_is_the_models_head_weight_only():
+    """W is model.head.weight, in params and optimiser slots alike; a backbone
+    block that happens to be called ``head`` is not W."""
+
+    class Backbone(nnx.Module):
+        def __init__(self, rngs):
+            self.head = models.MarginHead(3, 4, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.backbone = Backbone(rngs)
+            self.head = models.MarginHead(NUM_CLASSES, 4, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    tree = (params, optax.adamw(1e-3).init(params))  # W, Adam's mu and nu
+    selected = heads.map_head(lambda w: True, tree, params, lambda x: False)
+    assert [np.shape(x) for x in _hits(tree, selected)] == [(NUM_CLASSES, 4)] * 3
+    with pytest.raises(ValueError, match="No classifier head"):
+        heads.head_mask(nnx.state(model.backbone.head, nnx.Param))
+    config = tiny.get_config()
+    for name in ("small_cnn", "small_cnn_two_head"):
+        config.model = name
+        model = models.create_model(config, (8, 8, 1), NUM_CLASSES)
+        params = nnx.state(model, nnx.Param)
+        (w,) = _hits(params, heads.head_mask(params))
+        np.testing.assert_array_equal(w, model.head.weight[...])
+
+
+def _hits(tree, selected):
+    """The leaves of ``tree`` where the same-shaped ``selected`` is True."""
+    leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(selected), strict=True)
+    return [x for x, hit in leaves if hit]
 
 
 def test_sharded_training_reaches_dense_accuracy(data_dir, tmp_path):
@@ -151,16 +197,16 @@ def test_sharded_head_is_checkpointed_and_resumes(data_dir, tmp_path):
     assert head_a.shape == (8, 1, config.embedding_dim)  # one class row per device
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # restore_model re-joins the shards into W [C, D] ...
-    model = train.restore_model(config, whole, (8, 8, 1))
+    model = restore.restore_model(config, whole, (8, 8, 1))
     np.testing.assert_array_equal(
         model.head.weight[...], head_a.reshape(-1, config.embedding_dim)[:NUM_CLASSES]
     )
     # ... and on another device count says why it cannot.
     script = (
-        "import sys; from train import train; from train.configs import tiny\n"
+        "import sys; from train import restore; from train.configs import tiny\n"
         "c = tiny.get_config()\n"
         f"c.update(data_dir={data_dir!r}, head='sharded', num_train_steps=4)\n"
-        f"train.restore_model(c, {whole!r}, (8, 8, 1))\n"
+        f"restore.restore_model(c, {whole!r}, (8, 8, 1))\n"
     )
     env = dict(os.environ, XLA_FLAGS="")  # one device
     done = subprocess.run(
@@ -188,11 +234,11 @@ def test_bad_head_choices_list_valid_ones():
     ):
         train.validate_config(config)
     config.head = "chunked"
-    config.loss = {"name": "adacos"}
+    config.loss = {"name": "center_softmax"}
     with pytest.raises(
         ValueError,
         match=r"config.loss.name choices with "
-        r"config.head='chunked': arcface, combined",
+        r"config.head='chunked': adacos, adacos_fixed, arcface, combined",
     ):
         train.validate_config(config)
     assert "arcface" in [k for k, v in losses_table.LOSSES.items() if v.stages]

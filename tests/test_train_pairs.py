@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import margin_jax as mj
-from train import input_pipeline, losses_table, models, train
+from train import heads, input_pipeline, losses_table, models, parallel, train
 from train.configs import center_softmax, softmax_triplet, tiny
 
 NUM_CLASSES = 5
@@ -41,12 +41,12 @@ def _setup(config):
 
 def _steps_on(devices, config, batch, steps=2):
     tx, graphdef, state = _setup(config)
-    loss_fn = train.make_loss_fn(config, num_classes=NUM_CLASSES)
+    loss_fn = heads.make_loss_fn(config, num_classes=NUM_CLASSES)
     p_step = train.make_p_train_step(graphdef, tx, loss_fn, devices)
-    p_state = train.replicate(state, devices)
+    p_state = parallel.replicate(state, devices)
     for _ in range(steps):  # the second step sees updated centres / parameters
         p_state, metrics = p_step(p_state, input_pipeline.shard(batch, len(devices)))
-    return jax.device_get(train.unreplicate((p_state, metrics)))
+    return jax.device_get(parallel.unreplicate((p_state, metrics)))
 
 
 def _close(a, b):
@@ -88,13 +88,13 @@ def test_centres_are_loss_state_moved_by_the_update_rule():
     devices = jax.local_devices()
     embed = jax.pmap(
         lambda p, s, x: nnx.merge(graphdef, p, s)(x),
-        axis_name=train.AXIS_NAME,
+        axis_name=parallel.AXIS_NAME,
         devices=devices,
     )
     sharded = input_pipeline.shard(batch, len(devices))
     emb = embed(
-        train.replicate(state.params, devices),
-        train.replicate(state.batch_stats, devices),
+        parallel.replicate(state.params, devices),
+        parallel.replicate(state.batch_stats, devices),
         sharded["image"],
     ).reshape(16, -1)
     _, hyperparameters = losses_table.config_loss(config.loss)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from train import input_pipeline, train
+from train import heads, input_pipeline, parallel, restore, train
 from train.configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,26 +55,26 @@ def _param_leaves(model):
 def test_restore_model_latest_a_step_or_the_initialisation(data_dir, tmp_path):
     config = _config(data_dir, num_train_steps=4, checkpoint_every_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
-    latest = train.restore_model(config, str(tmp_path), (8, 8, 1))
+    latest = restore.restore_model(config, str(tmp_path), (8, 8, 1))
     _, state = helpers.final_state(str(tmp_path), config)
     for a, b in zip(_param_leaves(latest), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
     tx, _ = train.create_optimizer(config)
     _, _, initial = train.create_train_state(config, (8, 8, 1), 7, tx)
-    at_0 = train.restore_model(config, str(tmp_path), (8, 8, 1), step=0)
+    at_0 = restore.restore_model(config, str(tmp_path), (8, 8, 1), step=0)
     for a, b in zip(_param_leaves(at_0), jax.tree.leaves(initial.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    at_2 = train.restore_model(config, str(tmp_path), (8, 8, 1), step=2)
+    at_2 = restore.restore_model(config, str(tmp_path), (8, 8, 1), step=2)
     assert not np.array_equal(at_2.head.weight[...], latest.head.weight[...])
     images = input_pipeline.preprocess(np.zeros((3, 8, 8, 1), np.uint8))
     assert latest(images).shape == (3, config.embedding_dim)
     with pytest.raises(FileNotFoundError, match=r"at step 3 .*saved steps: \[2, 4\]"):
-        train.restore_model(config, str(tmp_path), (8, 8, 1), step=3)
+        restore.restore_model(config, str(tmp_path), (8, 8, 1), step=3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
-        train.restore_model(config, str(tmp_path / "empty"))
+        restore.restore_model(config, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no run directory"):
-        train.restore_model(config, str(tmp_path / "typo"), step=0)
+        restore.restore_model(config, str(tmp_path / "typo"), step=0)
 
 
 def test_to_devices_places_the_state_as_the_step_returns_it(data_dir):
@@ -83,10 +83,10 @@ def test_to_devices_places_the_state_as_the_step_returns_it(data_dir):
     devices = jax.local_devices()
     tx, _ = train.create_optimizer(config)
     graphdef, _, state = train.create_train_state(config, (8, 8, 1), 7, tx)
-    p_state = train.to_devices(state, devices)
+    p_state = parallel.to_devices(state, devices)
     placed = [x.sharding for x in jax.tree.leaves(p_state)]  # before donation
     p_step = train.make_p_train_step(
-        graphdef, tx, train.make_loss_fn(config, 7), devices, num_classes=7
+        graphdef, tx, heads.make_loss_fn(config, 7), devices, num_classes=7
     )
     data, _ = train.load_data(config)
     batch = {"image": data.images[:16], "label": data.labels[:16]}

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import input_pipeline, losses_table, train
+from train import heads, input_pipeline, losses_table, parallel, train
 from train.configs import tiny
 
 NUM_CLASSES = 5
@@ -15,12 +15,12 @@ NUM_CLASSES = 5
 def _step_on(devices, config, batch):
     tx, _ = train.create_optimizer(config)
     graphdef, _, state = train.create_train_state(config, (8, 8, 1), NUM_CLASSES, tx)
-    loss_fn = train.make_loss_fn(config, num_classes=NUM_CLASSES)  # takes rng too
+    loss_fn = heads.make_loss_fn(config, num_classes=NUM_CLASSES)  # takes rng too
     p_step = train.make_p_train_step(graphdef, tx, loss_fn, devices)
-    p_state = train.replicate(state, devices)
+    p_state = parallel.replicate(state, devices)
     for _ in range(2):  # the second step sees updated batch and loss statistics
         p_state, metrics = p_step(p_state, input_pipeline.shard(batch, len(devices)))
-    return jax.device_get(train.unreplicate((p_state, metrics)))
+    return jax.device_get(parallel.unreplicate((p_state, metrics)))
 
 
 def _close(a, b):
@@ -73,7 +73,9 @@ def test_every_loss_runs_and_keeps_its_state_shape(name):
     loss, new_state = jax.jit(spec.fn, static_argnames="axis_name")(
         inputs, state, step=np.int32(3), axis_name=None
     )
-    assert loss.shape == (6,) and np.all(np.isfinite(loss))
+    # Per-example [B]; a loss of the whole batch (two-head triplet) is a scalar.
+    expected = () if losses_table.LOSSES[name].two_head else (6,)
+    assert loss.shape == expected and np.all(np.isfinite(loss))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
@@ -103,7 +105,7 @@ def test_default_config_takes_any_loss_by_name():
         chosen, hyper = losses_table.config_loss(config.loss)
         assert chosen == name
         assert hyper == dict(default.LOSS_HYPERPARAMETERS.get(name, {}))
-        train.make_loss_fn(config, num_classes=10)  # binds without a stray key
+        heads.make_loss_fn(config, num_classes=10)  # binds without a stray key
     assert losses_table.config_loss(digits.get_config().loss)[1] == {
         "scale": 16.0,
         "margin": 0.2,
@@ -114,7 +116,7 @@ def test_default_config_takes_any_loss_by_name():
     assert losses_table.config_loss(config.loss)[1]["margin"] == 0.4
     config.loss.name = "softmax"
     with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['margin'\]"):
-        train.make_loss_fn(config)
+        heads.make_loss_fn(config)
     with pytest.raises(ValueError, match="config.loss needs a 'name'"):
         losses_table.config_loss({"margin": 0.5})
 

@@ -14,6 +14,7 @@ from train import (
     input_pipeline,
     prepare_recordio,
     recordio,
+    restore,
     train,
     validation,
 )
@@ -76,7 +77,7 @@ def test_val_targets_recorded_and_equal_to_evaluate_bin(data_dir, digit_bins, tm
     }
     for record in val:
         assert keys <= set(record)
-        model = train.restore_model(config, str(tmp_path), step=record["step"])
+        model = restore.restore_model(config, str(tmp_path), step=record["step"])
         for name, path in zip(("lfw", "agedb_30"), digit_bins, strict=True):
             expected = mj_eval.evaluate_bin(path, _embed_fn(model))
             assert record[f"val/{name}/accuracy"] == pytest.approx(expected["mean"])
@@ -95,8 +96,8 @@ def test_val_targets_recorded_and_equal_to_evaluate_bin(data_dir, digit_bins, tm
     assert results["best_step"] == best_step
     info = json.loads((tmp_path / "best" / "best.json").read_text())
     assert info["step"] == best_step and info["mean_accuracy"] == max(means)
-    best = train.restore_model(config, str(tmp_path / "best"))
-    at_step = train.restore_model(config, str(tmp_path), step=best_step)
+    best = restore.restore_model(config, str(tmp_path / "best"))
+    at_step = restore.restore_model(config, str(tmp_path), step=best_step)
     for a, b in zip(
         jax.tree.leaves(nnx.state(best)),
         jax.tree.leaves(nnx.state(at_step)),

@@ -3,7 +3,7 @@
 Every entry has the same signature,
 
     fn(inputs: LossInputs, state, *, step, axis_name, **hyperparameters)
-        -> (per-example loss [B], new state)
+        -> (per-example loss [B], or the scalar loss of a global batch, new state)
 
 so the train step never branches on the loss. ``state`` is the loss's own
 pytree carried in the train state, never seen by the optimiser (AdaCos scale,
@@ -15,11 +15,13 @@ from ``config.loss`` (see `config_loss`) and are checked against the
 function's signature, so a typo fails before training with the list of valid
 names.
 
-The step takes the mean of the per-example loss on each device and averages
-the gradients over the devices, right for per-example losses on equal shards.
-A batch statistic over the device axis (the mined triplet loss) is instead
-one value whose per-device gradients must be summed: `_device_sum_gradient`
-makes it fit the same step.
+The margin softmaxes are not rebuilt here: each is its factory of
+`margin_jax.NAMED_STAGES`, with the library's defaults, run by the one
+composer in whichever form the head asks for (`head_loss`). The table adds
+only what a config needs: λ of SphereFace from the step (`SCHEDULES`), and
+``scale: 0`` for the per-example feature norm (a config cannot hold None).
+Plain softmax, center loss + softmax and the two-head triplet regulariser are
+the entries outside the registry (dense head only).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ __all__ = [
     "LOSSES",
     "LossInputs",
     "LossSpec",
-    "Stages",
+    "SCHEDULES",
     "config_loss",
     "get_loss",
     "head_loss",
@@ -71,204 +73,11 @@ def _no_state(num_classes: int, dim: int) -> dict:
     return {}
 
 
-def _device_sum_gradient(value: jax.Array, axis_name) -> jax.Array:
-    """``value`` unchanged, its gradient times the number of devices.
-
-    A margin_jax batch statistic over ``axis_name`` (triplet, two-head) is the
-    global value on every device, and each device's gradient is already the
-    global loss's gradient for its own rows (``all_gather``'s transpose adds
-    the other devices' terms): the parameters' gradient is the *sum* over
-    devices. The step averages (pmean) instead, so scale by the device count.
-    """
-    if axis_name is None:
-        return value
-    n = jax.lax.psum(1, axis_name)
-    return n * value - jax.lax.stop_gradient((n - 1) * value)
-
-
 def softmax(inputs, state, *, step, axis_name):
     """Plain softmax CE on unnormalised logits x·Wᵀ (no bias)."""
     del step, axis_name
     logits = inputs.embeddings @ inputs.weights.T
     return mj.softmax_loss(logits, inputs.labels), state
-
-
-class Stages(NamedTuple):
-    """A margin softmax as its stages (see `margin_jax.margin_softmax_loss`)."""
-
-    target_fn: Callable
-    non_target_fn: Callable | None
-    scale: Any  # scalar or per-example [B]
-
-
-def normface(embeddings, *, step, scale=16.0):
-    del embeddings, step
-    return Stages(mj.normface_target, None, scale)
-
-
-def cosface(embeddings, *, step, scale=16.0, margin=0.35):
-    del embeddings, step
-    return Stages(functools.partial(mj.cosface_target, margin=margin), None, scale)
-
-
-def arcface(
-    embeddings,
-    *,
-    step,
-    scale=16.0,
-    margin=0.5,
-    easy_margin=False,
-    straight_through=False,
-):
-    del embeddings, step
-    target = functools.partial(
-        mj.arcface_target, margin=margin, easy_margin=easy_margin
-    )
-    return Stages(
-        mj.straight_through(target) if straight_through else target, None, scale
-    )
-
-
-def combined(embeddings, *, step, scale=16.0, m1=1.0, m2=0.3, m3=0.2):
-    del embeddings, step
-    return Stages(
-        functools.partial(mj.combined_target, m1=m1, m2=m2, m3=m3), None, scale
-    )
-
-
-def sphereface(
-    embeddings,
-    *,
-    step,
-    margin=4,
-    base=1000.0,
-    gamma=0.12,
-    power=1.0,
-    lambda_min=5.0,
-    scale=0.0,
-):
-    """SphereFace with λ annealed from the step; ``scale`` 0 = original form
-    (the per-example scale is the feature norm ||x||)."""
-    lambda_ = mj.sphereface_lambda(
-        step, base=base, gamma=gamma, power=power, lambda_min=lambda_min
-    )
-    target = functools.partial(mj.sphereface_target, margin=margin, lambda_=lambda_)
-    return Stages(target, None, scale or jnp.linalg.norm(embeddings, axis=-1))
-
-
-def sv_softmax(embeddings, *, step, scale=16.0, t=1.2, margin_type="none", margin=0.0):
-    del embeddings, step
-    target = mj.losses.margin_target_fn(margin_type, margin, fn="sv_softmax")
-    return Stages(target, functools.partial(mj.sv_non_target, t=t), scale)
-
-
-def mv_softmax(
-    embeddings,
-    *,
-    step,
-    scale=16.0,
-    t=0.2,
-    margin_type="cosface",
-    margin=0.35,
-    mode="adaptive",
-):
-    del embeddings, step
-    target = mj.losses.margin_target_fn(margin_type, margin, fn="mv_softmax")
-    return Stages(target, functools.partial(mj.mv_non_target, t=t, mode=mode), scale)
-
-
-def eqm(embeddings, *, step, scale=16.0, t1=0.6, t2=0.25):
-    del embeddings, step
-    return Stages(
-        functools.partial(mj.eqm_target, t1=t1),
-        functools.partial(mj.eqm_non_target, t2=t2),
-        scale,
-    )
-
-
-def _dense_from_stages(stages_fn):
-    """The dense loss of a stage-defined margin softmax (the composer on cos)."""
-
-    def fn(inputs, state, *, step, axis_name, **hyperparameters):
-        del axis_name
-        stages = stages_fn(inputs.embeddings, step=step, **hyperparameters)
-        loss = mj.margin_softmax_loss(
-            _cos(inputs),
-            inputs.labels,
-            target_fn=stages.target_fn,
-            non_target_fn=stages.non_target_fn,
-            scale=stages.scale,
-        )
-        return loss, state
-
-    return fn
-
-
-def adacos(inputs, state, *, step, axis_name):
-    """Dynamic AdaCos: the scale is state, updated over the whole device axis."""
-    del step
-    cos = _cos(inputs)
-    scale = mj.adacos_dynamic_scale(
-        cos, inputs.labels, state["scale"], axis_name=axis_name
-    )
-    return mj.adacos_loss(cos, inputs.labels, scale=scale), {"scale": scale}
-
-
-def _adacos_state(num_classes: int, dim: int) -> dict:
-    del dim
-    return {"scale": mj.adacos_fixed_scale(max(num_classes, 3))}
-
-
-def adacos_fixed(inputs, state, *, step, axis_name):
-    del step, axis_name
-    scale = mj.adacos_fixed_scale(max(inputs.weights.shape[0], 3))
-    return mj.adacos_loss(_cos(inputs), inputs.labels, scale=scale), state
-
-
-def curricularface(inputs, state, *, step, axis_name, scale=16.0, margin=0.5):
-    del step
-    return mj.curricularface_loss(
-        _cos(inputs),
-        inputs.labels,
-        state,
-        scale=scale,
-        margin=margin,
-        axis_name=axis_name,
-    )
-
-
-def _curricular_state(num_classes: int, dim: int):
-    del num_classes, dim
-    return mj.init_curricular_state()
-
-
-def focal(inputs, state, *, step, axis_name, scale=16.0, margin=0.0, gamma=2.0):
-    """Focal loss on ArcFace margin logits (margin 0: on s·cos)."""
-    del step, axis_name
-    logits = mj.margin_logits(
-        _cos(inputs),
-        inputs.labels,
-        target_fn=functools.partial(mj.arcface_target, margin=margin),
-        scale=scale,
-    )
-    return mj.focal_loss(logits, inputs.labels, gamma=gamma), state
-
-
-def hard_mining(
-    inputs, state, *, step, axis_name, scale=16.0, margin=0.0, keep_ratio=0.9
-):
-    """HM-Softmax on ArcFace margin logits, the ranking over the device axis."""
-    del step
-    logits = mj.margin_logits(
-        _cos(inputs),
-        inputs.labels,
-        target_fn=functools.partial(mj.arcface_target, margin=margin),
-        scale=scale,
-    )
-    loss = mj.hard_mining_loss(
-        logits, inputs.labels, keep_ratio=keep_ratio, axis_name=axis_name
-    )
-    return loss, state
 
 
 def _classifier_loss(inputs, classifier, scale):
@@ -324,8 +133,9 @@ def softmax_triplet(
 ):
     """Two-head regulariser (Taha et al. 2020): CE(logits) + λ·triplet(x̂).
 
-    `margin_jax.two_head_loss` over the global batch; a scalar, given to the
-    step as a constant [B] (its mean) with the device-sum gradient.
+    `margin_jax.two_head_loss` over the global batch: a scalar, the loss of
+    the whole batch on every device (its gradient there is the device's share,
+    `margin_jax.collective`), which the step takes as its objective.
     """
     del step
     loss = mj.two_head_loss(
@@ -338,69 +148,98 @@ def softmax_triplet(
         metric=metric,
         axis_name=axis_name,
     )
-    loss = _device_sum_gradient(loss, axis_name)
-    return jnp.broadcast_to(loss, inputs.labels.shape), state
+    return loss, state
+
+
+def _sphereface_lambda(step, *, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
+    """SphereFace's λ annealed from the step (`margin_jax.sphereface_lambda`)."""
+    lam = mj.sphereface_lambda(
+        step, base=base, gamma=gamma, power=power, lambda_min=lambda_min
+    )
+    return {"lambda_": lam}
+
+
+# Hyperparameters a loss of the registry takes from the step instead of the
+# config: name -> (step, **schedule hyperparameters) -> factory keywords.
+SCHEDULES: Mapping[str, Callable[..., dict]] = {"sphereface": _sphereface_lambda}
+
+
+def _params(fn, drop=()) -> dict[str, Any]:
+    return {
+        k: p.default
+        for k, p in inspect.signature(fn).parameters.items()
+        if k not in drop and p.kind is p.KEYWORD_ONLY
+    }
+
+
+def _registered(name: str) -> LossSpec:
+    """The entry of a loss of `margin_jax.NAMED_STAGES`: any head, its defaults."""
+    factory = mj.NAMED_STAGES[name]
+    schedule = SCHEDULES.get(name)
+    produced = () if schedule is None else tuple(schedule(0))
+    stateful = "state" in inspect.signature(factory).parameters
+    hyper = _params(factory, drop=("state", *produced))
+    if schedule is not None:
+        hyper.update(_params(schedule))
+
+    def stages(*, step, state=None, **bound):
+        kwargs = {k: v for k, v in bound.items() if k in hyper}
+        if schedule is not None:
+            timed = {k: kwargs.pop(k) for k in _params(schedule) if k in kwargs}
+            kwargs.update(schedule(step, **timed))
+        if kwargs.get("scale", None) == 0:  # a config's None: the feature norm
+            kwargs["scale"] = None
+        return factory(**kwargs, state=state) if stateful else factory(**kwargs)
+
+    def init_state(num_classes, dim):
+        del num_classes, dim
+        return factory().state if stateful else {}
+
+    choices = {"margin_type": mj.stages.MARGIN_TYPES}
+    if name == "mv_softmax":
+        choices["mode"] = mj.masks.MV_MODES
+    spec = LossSpec(
+        fn=None, init_state=init_state, stages=stages, hyperparameters=hyper
+    )
+    return dataclasses.replace(
+        spec,
+        fn=_stage_head(spec, "dense"),
+        choices={k: v for k, v in choices.items() if k in hyper},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """A table entry: the loss and the initial value of its state.
 
-    ``stages`` is set for the margin softmaxes that are one target and one
-    non-target stage: those also run with the chunked and sharded heads.
-    ``two_head``: the loss reads ``LossInputs.logits`` (a two-head model,
+    ``stages`` is set for the losses of `margin_jax.NAMED_STAGES`, (step,
+    state, **hyperparameters) -> `margin_jax.Stages`: those run with every
+    head (dense, chunked, sharded) through the one composer. ``two_head``: the
+    loss reads ``LossInputs.logits`` (a two-head model,
     `train.models.TWO_HEAD_MODELS`, dense head). ``sampler``: the batch
     sampler the loss needs (None: any). ``choices``: the valid values of the
-    string hyperparameters, checked by `get_loss`.
+    string hyperparameters, checked by `get_loss`. ``hyperparameters``: the
+    valid names with their defaults (None: the signature of ``fn``).
     """
 
-    fn: Callable[..., tuple[jax.Array, Any]]
+    fn: Callable[..., tuple[jax.Array, Any]] | None
     init_state: Callable[[int, int], Any] = _no_state
-    stages: Callable[..., Stages] | None = None
+    stages: Callable[..., mj.Stages] | None = None
     two_head: bool = False
     sampler: str | None = None
     choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    hyperparameters: Mapping[str, Any] | None = None
 
 
-def _margin(stages_fn) -> LossSpec:
-    return LossSpec(_dense_from_stages(stages_fn), stages=stages_fn)
-
-
-LOSSES: Mapping[str, LossSpec] = {
-    "softmax": LossSpec(softmax),
-    "normface": _margin(normface),
-    "cosface": _margin(cosface),
-    "arcface": _margin(arcface),
-    "combined": _margin(combined),
-    "sphereface": _margin(sphereface),
-    "adacos": LossSpec(adacos, _adacos_state),
-    "adacos_fixed": LossSpec(adacos_fixed),
-    "curricularface": LossSpec(curricularface, _curricular_state),
-    "sv_softmax": _margin(sv_softmax),
-    "mv_softmax": _margin(mv_softmax),
-    "eqm": _margin(eqm),
-    "focal": LossSpec(focal),
-    "hard_mining": LossSpec(hard_mining),
-    "center_softmax": LossSpec(
-        center_softmax,
-        _center_state,
-        choices={"classifier": ("softmax", "normface")},
-    ),
-    "softmax_triplet": LossSpec(
-        softmax_triplet,
-        two_head=True,
-        sampler="pk",
-        choices={"mining": mj.pairs.MININGS, "metric": mj.pairs.METRICS},
-    ),
-}
-
-_CALL_ARGS = ("inputs", "state", "step", "axis_name", "embeddings")
+_CALL_ARGS = ("inputs", "state", "step", "axis_name")
 
 
 def loss_hyperparameters(name: str) -> dict[str, Any]:
     """The hyperparameters of loss ``name`` with their defaults."""
     spec = get_loss(name)
-    params = inspect.signature(spec.stages or spec.fn).parameters
+    if spec.hyperparameters is not None:
+        return dict(spec.hyperparameters)
+    params = inspect.signature(spec.fn).parameters
     return {k: p.default for k, p in params.items() if k not in _CALL_ARGS}
 
 
@@ -455,95 +294,137 @@ def get_loss(name: str, hyperparameters: Mapping[str, Any] | None = None) -> Los
                 f"choices for config.loss.{key}: {', '.join(options)}."
             )
     bound = dict(hyperparameters)
+    if spec.stages is not None:
+        spec = dataclasses.replace(spec, stages=functools.partial(spec.stages, **bound))
+        return dataclasses.replace(spec, fn=_stage_head(spec, "dense"))
 
     def fn(inputs, state, *, step, axis_name):
         return spec.fn(inputs, state, step=step, axis_name=axis_name, **bound)
 
-    stages = None
-    if spec.stages is not None:
-        stages = functools.partial(spec.stages, **bound)
-    return dataclasses.replace(spec, fn=fn, stages=stages)
+    return dataclasses.replace(spec, fn=fn)
 
 
 HEADS = ("dense", "chunked", "sharded")
+
+
+def _stage_head(
+    spec: LossSpec,
+    head: str,
+    *,
+    chunk_size: int | None = None,
+    partial_fc_rate: float = 1.0,
+    num_classes: int | None = None,
+):
+    """A registered loss with head ``head``: the same stages in every form."""
+
+    def fn(inputs, state, *, step, axis_name, rng=None):
+        stages = spec.stages(step=step, state=state)
+        x, weights, labels = inputs.embeddings, inputs.weights, inputs.labels
+        if head == "dense":
+            out = mj.margin_softmax_loss(
+                mj.cosine_logits(x, weights),
+                labels,
+                stages=stages,
+                feature_norm=jnp.linalg.norm(x, axis=-1),
+                axis_name=axis_name,
+            )
+        elif head == "chunked":
+            out = mj.chunked_margin_loss(
+                x,
+                weights,
+                labels,
+                stages=stages,
+                chunk_size=chunk_size,
+                axis_name=axis_name,
+            )
+        else:
+            extra = {"num_classes": num_classes}
+            if partial_fc_rate < 1.0:
+                sample = mj.partial_fc_sample(
+                    labels,
+                    weights.shape[0],
+                    rate=partial_fc_rate,
+                    key=rng,
+                    axis_name=axis_name,
+                    total_classes=num_classes,
+                )
+                weights, labels = weights[sample.index], sample.labels
+                extra = {"num_valid": sample.num_valid}
+            out = mj.sharded_margin_loss(
+                x,
+                weights,
+                labels,
+                axis_name=axis_name,
+                stages=stages,
+                chunk_size=chunk_size,
+                **extra,
+            )
+        return out if stages.state is not None else (out, state)
+
+    return fn
 
 
 def head_loss(
     spec: LossSpec,
     head: str,
     *,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     partial_fc_rate: float = 1.0,
     num_classes: int | None = None,
 ):
     """The loss with the classifier head ``head``: dense, chunked or sharded.
 
-    * dense: ``spec.fn`` on the cosine logits [B, C];
+    * dense: the loss on the cosine logits [B, C];
     * chunked: `margin_jax.chunked_margin_loss`, exact, never builds [B, C];
     * sharded: `margin_jax.sharded_margin_loss`, ``inputs.weights`` is this
       device's shard of W (classes split over the device axis), optionally with
-      Partial FC sampling at ``partial_fc_rate`` (``inputs.rng`` needed).
+      Partial FC sampling at ``partial_fc_rate`` (``rng`` needed).
+
+    Every loss of `margin_jax.NAMED_STAGES` runs with every head;
+    ``chunk_size`` None (or 0) takes `margin_jax.default_chunk_size`.
 
     Raises:
-      ValueError: unknown head, or a loss without a stage form (lists them).
+      ValueError: unknown head, or a head other than dense for a loss outside
+        the registry (lists the valid ones).
     """
     if head not in HEADS:
         raise ValueError(
             f"Unknown head {head!r}; valid choices for config.head: {', '.join(HEADS)}."
         )
-    if head == "dense":
-
-        def dense(inputs, state, *, step, axis_name, rng=None):
-            del rng
-            return spec.fn(inputs, state, step=step, axis_name=axis_name)
-
-        return dense
-    if spec.stages is None:
+    if spec.stages is not None:
+        return _stage_head(
+            spec,
+            head,
+            chunk_size=chunk_size or None,
+            partial_fc_rate=partial_fc_rate,
+            num_classes=num_classes,
+        )
+    if head != "dense":
         valid = sorted(k for k, v in LOSSES.items() if v.stages is not None)
         raise ValueError(
-            f"The {head} head needs a margin softmax given by stages; valid "
+            f"The {head} head needs a loss of margin_jax.NAMED_STAGES; valid "
             f"config.loss.name choices with config.head={head!r}: {', '.join(valid)}."
         )
 
-    def fn(inputs, state, *, step, axis_name, rng=None):
-        stages = spec.stages(inputs.embeddings, step=step)
-        kwargs = dict(
-            target_fn=stages.target_fn,
-            non_target_fn=stages.non_target_fn,
-            scale=stages.scale,
-        )
-        if head == "chunked":
-            loss = mj.chunked_margin_loss(
-                inputs.embeddings,
-                inputs.weights,
-                inputs.labels,
-                chunk_size=chunk_size,
-                **kwargs,
-            )
-            return loss, state
-        weights, labels, extra = inputs.weights, inputs.labels, {}
-        if partial_fc_rate < 1.0:
-            sample = mj.partial_fc_sample(
-                labels,
-                weights.shape[0],
-                rate=partial_fc_rate,
-                key=rng,
-                axis_name=axis_name,
-                total_classes=num_classes,
-            )
-            weights, labels = weights[sample.index], sample.labels
-            extra = {"num_valid": sample.num_valid}
-        else:
-            extra = {"num_classes": num_classes}
-        loss = mj.sharded_margin_loss(
-            inputs.embeddings,
-            weights,
-            labels,
-            axis_name=axis_name,
-            chunk_size=min(chunk_size, weights.shape[0]),
-            **extra,
-            **kwargs,
-        )
-        return loss, state
+    def dense(inputs, state, *, step, axis_name, rng=None):
+        del rng
+        return spec.fn(inputs, state, step=step, axis_name=axis_name)
 
-    return fn
+    return dense
+
+
+LOSSES: Mapping[str, LossSpec] = {
+    "softmax": LossSpec(softmax),
+    **{name: _registered(name) for name in mj.NAMED_STAGES},
+    "center_softmax": LossSpec(
+        center_softmax,
+        _center_state,
+        choices={"classifier": ("softmax", "normface")},
+    ),
+    "softmax_triplet": LossSpec(
+        softmax_triplet,
+        two_head=True,
+        sampler="pk",
+        choices={"mining": mj.pairs.MININGS, "metric": mj.pairs.METRICS},
+    ),
+}

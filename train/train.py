@@ -17,12 +17,17 @@ on the devices. Evaluation: the open-set metrics on held-out identities
 (`train.validation`, best step kept in ``<workdir>/best``). Process 0 writes
 metrics.jsonl, TensorBoard and the report; every process takes part in the
 checkpoints.
+
+The pieces live in the modules named by what they hold: the classifier head
+(its loss, W's place in a state, the top-1 predictions) in `train.heads`, the
+host <-> device layouts in `train.parallel`, the log in `train.metrics`, a
+trained model back from its workdir in `train.restore`. Their public names are
+re-exported here, so ``train.train.restore_model`` and the like keep working.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -39,14 +44,30 @@ import margin_jax as mj
 from train import (
     checkpoint,
     evaluation,
+    heads,
     input_pipeline,
     losses_table,
     models,
+    parallel,
     report,
     validation,
 )
 
-AXIS_NAME = "batch"
+# Moved to the modules named by what they hold; still reachable as train.train.X.
+from train.heads import make_loss_fn as make_loss_fn
+from train.heads import top1_predictions as top1_predictions
+from train.metrics import MetricWriter as MetricWriter
+from train.parallel import AXIS_NAME as AXIS_NAME
+from train.parallel import device_sharding as device_sharding
+from train.parallel import full_head as full_head
+from train.parallel import replicate as replicate
+from train.parallel import synthetic_batches as synthetic_batches
+from train.parallel import to_devices as to_devices
+from train.parallel import to_host as to_host
+from train.parallel import unreplicate as unreplicate
+from train.restore import image_shape_of as image_shape_of
+from train.restore import restore_model as restore_model
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -67,7 +88,7 @@ class TrainState(NamedTuple):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast on a bad choice, with the list of valid ones."""
-    make_loss_fn(config)
+    heads.make_loss_fn(config)
     for key, valid in (
         ("optimizer", OPTIMIZERS),
         ("sampler", input_pipeline.SAMPLERS),
@@ -110,76 +131,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def make_loss_fn(config, num_classes: int | None = None):
-    """The configured loss with the configured classifier head (`config.head`)."""
-    name, hyper = losses_table.config_loss(config.loss)
-    spec = losses_table.get_loss(name, hyper)
-    return losses_table.head_loss(
-        spec,
-        config.get("head", "dense"),
-        chunk_size=config.get("head_chunk_size", 2048),
-        partial_fc_rate=config.get("partial_fc_rate", 1.0),
-        num_classes=num_classes,
-    )
-
-
-def _is_head_weight(path) -> bool:
-    """True for the classifier head's W (and its optimiser slots) in a state."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return any(
-        a == "head" and b == "weight" for a, b in zip(names, names[1:], strict=False)
-    )
-
-
-def _map_head(fn, tree, other=lambda x: x):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: fn(x) if _is_head_weight(path) else other(x), tree
-    )
-
-
-def top1_predictions(
-    embeddings, weights, *, chunk_size=2048, axis_name=None, num_classes=None
-):
-    """argmax_j cos(x_i, w_j) [B] in class blocks (never the whole [B, C]).
-
-    With ``axis_name`` (sharded head), ``weights`` is this device's shard and
-    the winner is taken over all devices for the whole (all-gathered) batch:
-    the result is [B_global], labels are global, and rows with a global index
-    >= ``num_classes`` (padding of the last shards) never win.
-    """
-    x = mj.l2_normalize(embeddings)
-    if axis_name is not None:
-        x = jax.lax.all_gather(x, axis_name, tiled=True)
-    num_rows = weights.shape[0]
-    chunk = min(chunk_size, num_rows)
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_rows
-    limit = offset + num_rows if num_classes is None else num_classes
-
-    def body(k, carry):
-        best, arg = carry
-        start = jnp.minimum(k * chunk, num_rows - chunk)
-        block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
-        cos = x @ mj.l2_normalize(block).T
-        rows = offset + start + jnp.arange(chunk)
-        cos = jnp.where(rows < limit, cos, -jnp.inf)
-        block_best = jnp.max(cos, axis=-1)
-        better = block_best > best
-        return (
-            jnp.where(better, block_best, best),
-            jnp.where(better, start + jnp.argmax(cos, axis=-1), arg),
-        )
-
-    init = (jnp.full(x.shape[:1], -jnp.inf, x.dtype), jnp.zeros(x.shape[:1], jnp.int32))
-    best, arg = jax.lax.fori_loop(0, -(-num_rows // chunk), body, init)
-    if axis_name is None:
-        return arg
-    arg = arg + offset
-    bests = jax.lax.all_gather(best, axis_name)
-    args = jax.lax.all_gather(arg, axis_name)
-    winner = jnp.argmax(bests, axis=0)
-    return jnp.take_along_axis(args, winner[None], axis=0)[0]
-
-
 def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """optax optimiser with linear warm-up then cosine decay."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -212,9 +163,13 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimiser step on this device's shard; collectives over axis_name.
 
-    With the sharded head, W is this device's class shard: the objective is
-    this device's share of the global mean (sum / global batch), the backbone's
-    gradients are summed over devices and W's stay on their own device.
+    The gradient rule of `margin_jax.collective`: the objective is the global
+    mean of the per-example losses (`margin_jax.collective.global_mean`; a
+    loss over the whole batch, such as the two-head triplet, gives that scalar
+    itself), equal on every device, whose gradient on each device is that
+    device's share; so the gradients of replicated parameters are summed over
+    the devices. With the sharded head, W is this device's class shard: its
+    gradient is already complete on its own device and is not summed.
     """
     images, labels = batch["image"], batch["label"]
     if images.dtype == jnp.uint8:  # the input stream's images, mapped on device
@@ -229,7 +184,6 @@ def train_step(
     if axis_name is None:
         pmean = psum = lambda x: x  # noqa: E731
     sharded = head == "sharded"
-    devices = jax.lax.axis_size(axis_name) if axis_name is not None else 1
 
     def objective(params, batch_stats):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -246,11 +200,12 @@ def train_step(
             axis_name=axis_name,
             rng=step_rng,
         )
-        chex.assert_shape(per_example, labels.shape)
+        if jnp.ndim(per_example):
+            chex.assert_shape(per_example, labels.shape)
         if logits is not None:
             predictions = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
         else:
-            predictions = top1_predictions(
+            predictions = heads.top1_predictions(
                 jax.lax.stop_gradient(embeddings),
                 jax.lax.stop_gradient(weights),
                 axis_name=axis_name if sharded else None,
@@ -264,23 +219,18 @@ def train_step(
             )
         accuracy = jnp.mean(predictions == labels)
         aux = (nnx.state(model, nnx.BatchStat), loss_state, accuracy)
-        if sharded:
-            objective_value = jnp.sum(per_example) / (labels.shape[0] * devices)
-            return objective_value, aux
-        return jnp.mean(per_example), aux
+        if jnp.ndim(per_example) == 0:  # already the loss of the global batch
+            return per_example, aux
+        return mj.collective.global_mean(per_example, axis_name=axis_name), aux
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     (loss, (batch_stats, loss_state, accuracy)), grads = grad_fn(
         state.params, state.batch_stats
     )
-    if sharded:
-        # The all-gathers inside the sharded loss already sent every device's
-        # share of dL/dx back: sum the backbone's parts; W's shard is local.
-        grads = _map_head(lambda g: g, grads, psum)
-        loss = psum(loss)
+    if sharded:  # W's shard is this device's own; the rest is replicated
+        grads = heads.map_head(lambda g: g, grads, state.params, psum)
     else:
-        # Equal shards per device: the mean of the shard means is the global mean.
-        grads = pmean(grads)
+        grads = psum(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(
@@ -292,7 +242,7 @@ def train_step(
         rng=rng,
     )
     metrics = {
-        "loss": pmean(loss),
+        "loss": loss,  # the global objective, the same on every device
         "accuracy": pmean(accuracy),
         "grad_norm": optax.tree.norm(grads),
         # Checked on the host before the new state may be checkpointed.
@@ -348,8 +298,9 @@ def create_train_state(config, image_shape, num_classes, tx, *, num_shards=None)
             padded = jnp.zeros((num_shards * rows, w.shape[1]), w.dtype)
             return padded.at[:num_classes].set(w).reshape(num_shards, rows, -1)
 
-        shards = _map_head(split, params)
-        params = _map_head(lambda w: w[0], shards)  # one shard's shape for tx.init
+        shards = heads.map_head(split, params, params)
+        # One shard's shape for tx.init.
+        params = heads.map_head(lambda w: w[0], shards, shards)
     loss_spec = losses_table.get_loss(config.loss.name)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -362,136 +313,9 @@ def create_train_state(config, image_shape, num_classes, tx, *, num_shards=None)
     if num_shards:
         stack = lambda x: jnp.broadcast_to(x, (num_shards, *x.shape))  # noqa: E731
         state = state._replace(
-            params=shards, opt_state=_map_head(stack, state.opt_state)
+            params=shards, opt_state=heads.map_head(stack, state.opt_state, params)
         )
     return graphdef, eval_graphdef, state
-
-
-def device_sharding(devices) -> jax.sharding.NamedSharding:
-    """The placement of the pmapped step's outputs: leading axis over ``devices``.
-
-    Inputs placed like this hit the step's compilation cache from the first
-    call; host (NumPy) inputs would compile the step a second time once its
-    own outputs come back (about 1.5 s per training run on CPU).
-    """
-    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS_NAME,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
-
-
-def to_devices(state, devices, *, sharded=False):
-    """Host layout -> pmap layout: replicate, except a sharded head's leaves."""
-    if not sharded:
-        return replicate(state, devices)
-    placed = functools.partial(jax.device_put, device=device_sharding(devices))
-    return _map_head(
-        lambda x: placed(np.asarray(x)), state, lambda x: replicate(x, devices)
-    )
-
-
-def to_host(p_state, *, sharded=False):
-    """pmap layout -> host layout (what is checkpointed and evaluated)."""
-    if not sharded:
-        return unreplicate(p_state)
-    # The head's shards come to the host as one [devices, C_d, D] array.
-    return _map_head(lambda x: np.asarray(jax.device_get(x)), p_state, _first_replica)
-
-
-def full_head(state, num_classes):
-    """The host-layout state with a sharded W re-joined to [C, D] (for eval)."""
-    params = _map_head(lambda w: w.reshape(-1, w.shape[-1])[:num_classes], state.params)
-    return state._replace(params=params)
-
-
-def replicate(tree, devices):
-    """A copy of ``tree`` per device, stacked on a new leading axis for pmap.
-
-    Placed with `device_sharding`, as the pmapped step returns its state.
-    """
-    n, sharding = len(devices), device_sharding(devices)
-    return jax.tree.map(
-        lambda x: jax.device_put(
-            np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding
-        ),
-        tree,
-    )
-
-
-def _first_replica(x):
-    """Device 0's copy of a pmapped array, without a multi-device computation.
-
-    ``x[0]`` on an array spread over the devices compiles a gather over all of
-    them; run while the next pmapped step is in flight, such programs can wait
-    on each other's rendezvous and hang XLA:CPU. Reading device 0's buffer
-    involves no other device.
-    """
-    if isinstance(x, jax.Array) and (
-        len(x.addressable_shards) > 1 or not x.is_fully_addressable
-    ):
-        data = x.addressable_shards[0].data
-        return data.reshape(data.shape[1:])
-    return x[0]
-
-
-def unreplicate(tree):
-    return jax.tree.map(_first_replica, tree)
-
-
-class MetricWriter:
-    """Appends metrics to DIR/metrics.jsonl (and TensorBoard if available).
-
-    On resume the records after the checkpoint are dropped (they are redone),
-    so the log holds every step once. ``records`` are the records kept. Only
-    the writing process (process 0 of a multi-host run) touches the files.
-    """
-
-    def __init__(
-        self, workdir: str, *, resume_step: int, tensorboard: bool, write: bool = True
-    ):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.write_files = write
-        self.records = []
-        lines = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = [r for r in f if json.loads(r)["step"] <= resume_step]
-            self.records = [json.loads(r) for r in lines]
-        # Every process has read the file before process 0 rewrites it.
-        _sync_processes("margin_jax_metrics_read")
-        if write and lines:
-            with open(self.path, "w") as f:
-                f.writelines(lines)
-        self._tb = None
-        if tensorboard and write:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.records.append(record)
-        if not self.write_files:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _sync_processes(name: str) -> None:
-    """A barrier over the processes of a multi-host run (none with one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _progress(total, initial, enabled):
@@ -532,120 +356,6 @@ def load_data(config) -> tuple[input_pipeline.Dataset, input_pipeline.Dataset | 
     return train.load(), held_out.load() if held_out is not None else None
 
 
-def image_shape_of(config) -> tuple[int, int, int]:
-    """(H, W, C) of the model's input: the data set's, or the synthetic one's."""
-    if config.synthetic:
-        return tuple(config.synthetic_image_shape)
-    return open_data(config)[0].image_shape
-
-
-def restore_model(config, workdir: str, image_shape=None, *, step: int | None = None):
-    """The model trained in ``workdir`` (latest checkpoint, or ``step``), eval mode.
-
-    A Flax NNX module: ``model(images)`` gives the embeddings [B, D] of
-    preprocessed images (`input_pipeline.preprocess`), ``model.head.weight`` the
-    class centres W [C, D] (re-joined if the head was sharded). Call
-    ``model.train()`` to fine-tune it. ``step=0`` without a checkpoint there
-    gives the initialisation (the config's seed), which training starts from.
-
-    Args:
-      config: the config the run was trained with.
-      workdir: the run's directory; ``workdir/best`` restores the best
-        verification step of a run with ``config.val_targets``.
-      image_shape: (H, W, C) of the images; default: the data set's.
-      step: a saved step, 0, or None for the latest.
-
-    Raises:
-      FileNotFoundError: ``workdir`` does not exist, or has no checkpoint (or
-        none at ``step``).
-      ValueError: a sharded head saved with another device count.
-    """
-    validate_config(config)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"restore_model: no run directory {workdir!r}.")
-    if image_shape is None:
-        image_shape = image_shape_of(config)
-    sharded = config.head == "sharded"
-    tx, _ = create_optimizer(config)
-    _, eval_graphdef, state = create_train_state(
-        config,
-        tuple(image_shape),
-        config.num_train_classes,
-        tx,
-        num_shards=len(jax.local_devices()) if sharded else None,
-    )
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory) and os.path.isfile(
-        os.path.join(workdir, validation.BEST_JSON)
-    ):
-        directory = workdir  # <run>/best: the best verification step
-    ckpt = checkpoint.Checkpointer(directory, every=1, keep=None)
-    try:
-        steps = ckpt.all_steps()
-        if step == 0 and 0 not in steps:
-            pass  # the initial state
-        elif (step is None and not steps) or (step is not None and step not in steps):
-            raise FileNotFoundError(
-                f"No checkpoint{'' if step is None else f' at step {step}'} in "
-                f"{ckpt.directory} (saved steps: {steps}); train there first "
-                "(train_and_evaluate(config, workdir))."
-            )
-        elif not sharded:
-            state = ckpt.restore(state, step=step)
-        else:
-            try:
-                state = ckpt.restore(state, step=step)
-            except ValueError as e:
-                raise ValueError(
-                    f"restore_model: the sharded head in {ckpt.directory} does not "
-                    f"fit {len(jax.local_devices())} local devices (W split into "
-                    "one shard per device); restore it on the device count it "
-                    f"was trained on. ({e})"
-                ) from e
-    finally:
-        ckpt.close()
-    if sharded:
-        state = full_head(state, config.num_train_classes)
-    return nnx.merge(eval_graphdef, state.params, state.batch_stats)
-
-
-def synthetic_batches(config, image_shape, devices, start: int, stop: int):
-    """Random uint8 images and labels made on the devices, one batch a step.
-
-    ``config.synthetic``: the model, loss and step are the real ones and no
-    data set is read, so the throughput is the devices' alone.
-    """
-    per_device = config.batch_size // (len(devices) * jax.process_count())
-
-    def make(key):
-        images_key, labels_key = jax.random.split(key)
-        images = jax.random.randint(images_key, (per_device, *image_shape), 0, 256)
-        labels = jax.random.randint(
-            labels_key, (per_device,), 0, config.num_train_classes
-        )
-        return {"image": images.astype(jnp.uint8), "label": labels.astype(jnp.int32)}
-
-    p_make = jax.pmap(make, devices=_pmap_devices(devices))
-    base = jax.random.fold_in(jax.random.PRNGKey(config.seed), jax.process_index())
-    for step in range(start, stop):
-        yield p_make(jax.random.split(jax.random.fold_in(base, step), len(devices)))
-
-
-def _pmap_devices(devices):
-    """pmap's devices: these local ones, or all when several processes run."""
-    return devices if jax.process_count() == 1 else None
-
-
-def _check_batch(config, devices) -> None:
-    total = len(devices) * jax.process_count()
-    if config.batch_size % total:
-        raise ValueError(
-            f"config.batch_size {config.batch_size} is not divisible by the "
-            f"{total} devices ({jax.process_count()} processes x {len(devices)} "
-            "local devices); the global batch is split evenly over them."
-        )
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None
 ) -> dict:
@@ -670,7 +380,7 @@ def train_and_evaluate(
     """
     validate_config(config)
     devices = jax.local_devices()
-    _check_batch(config, devices)
+    parallel.check_batch(config, devices)
     head = config.head
     sharded = head == "sharded"
     if sharded and jax.process_count() > 1:
@@ -703,7 +413,7 @@ def train_and_evaluate(
         tx,
         num_shards=len(devices) if sharded else None,
     )
-    loss_fn = make_loss_fn(config, num_classes=config.num_train_classes)
+    loss_fn = heads.make_loss_fn(config, num_classes=config.num_train_classes)
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -724,11 +434,11 @@ def train_and_evaluate(
             graphdef,
             tx,
             loss_fn,
-            _pmap_devices(devices),
+            parallel.pmap_devices(devices),
             head=head,
             num_classes=config.num_train_classes,
         )
-        p_state = to_devices(state, devices, sharded=sharded)
+        p_state = parallel.to_devices(state, devices, sharded=sharded)
         end = config.num_train_steps if max_steps is None else max_steps
         batches = _batches(config, train_data, image_shape, devices, start, end)
         evaluator = _Evaluator(
@@ -740,7 +450,7 @@ def train_and_evaluate(
         def validate(done, host):
             """Scores the targets; best/ is saved before the record is written."""
             # Process 0's numbers for every process: one decision about best/.
-            results = _from_process_0(evaluator.targets(host, targets))
+            results = parallel.from_process_0(evaluator.targets(host, targets))
             record, improved = best.update(done, results)
             if improved:
                 best.save(done, host, results, write=writes)
@@ -755,7 +465,7 @@ def train_and_evaluate(
             done = step + 1
             # Checked every step, before the state may be saved. The stream's
             # workers and prefetch thread read the next batches meanwhile.
-            metrics = jax.device_get(unreplicate(p_metrics))
+            metrics = jax.device_get(parallel.unreplicate(p_metrics))
             finite = metrics.pop("params_finite")
             if not (np.isfinite(metrics["loss"]) and finite):
                 raise NonFiniteLossError(
@@ -787,7 +497,7 @@ def train_and_evaluate(
             save_due = last or ckpt.due(done)
             if not (val_due or eval_due or save_due):
                 continue
-            host = to_host(p_state, sharded=sharded)  # one copy for all three
+            host = parallel.to_host(p_state, sharded=sharded)  # one copy for all three
             if val_due:
                 validate(done, host)
             if eval_due:
@@ -799,7 +509,7 @@ def train_and_evaluate(
         finished = {r["step"] for r in writer.records if "val/mean_accuracy" in r}
         if targets and config.num_train_steps not in finished:
             # e.g. targets added to a finished run
-            validate(config.num_train_steps, to_host(p_state, sharded=sharded))
+            validate(config.num_train_steps, parallel.to_host(p_state, sharded=sharded))
     finally:
         if batches is not None and hasattr(batches, "close"):
             batches.close()
@@ -808,7 +518,7 @@ def train_and_evaluate(
         if writer is not None:
             writer.close()
         ckpt.close()
-    host = to_host(p_state, sharded=sharded)
+    host = parallel.to_host(p_state, sharded=sharded)
     results = {}
     if held_out is not None:
         results = evaluator.open_set(host, held_out)
@@ -842,7 +552,7 @@ def _batches(config, train_data, image_shape, devices, start: int, end: int):
     if end <= start:  # resumed at (or past) the last step: nothing to read
         return iter(())
     if config.synthetic:
-        return synthetic_batches(config, image_shape, devices, start, end)
+        return parallel.synthetic_batches(config, image_shape, devices, start, end)
     sampler = input_pipeline.BatchSampler(
         train_data.labels,
         batch_size=config.batch_size,
@@ -919,24 +629,6 @@ def _log_open_set(done: int, results: dict, writer, bar) -> None:
     )
 
 
-def _from_process_0(results: dict) -> dict:
-    """Process 0's copy of a {name: {key: float}} dict on every process."""
-    if jax.process_count() == 1:
-        return results
-    from jax.experimental import multihost_utils
-
-    names = sorted(results)
-    keys = sorted(results[names[0]])
-    values = np.array([[results[n][k] for k in keys] for n in names], np.float64)
-    # As raw bits: without jax_enable_x64 a float64 array would travel as float32.
-    bits = multihost_utils.broadcast_one_to_all(values.view(np.uint32))
-    values = np.asarray(bits).view(np.float64)
-    return {
-        n: {k: float(values[i, j]) for j, k in enumerate(keys)}
-        for i, n in enumerate(names)
-    }
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -954,7 +646,7 @@ class _Evaluator:
 
     def _placed(self, state):
         if self.sharded:
-            state = full_head(state, self.config.num_train_classes)
+            state = parallel.full_head(state, self.config.num_train_classes)
         return jax.device_put((state.params, state.batch_stats))
 
     def open_set(self, state, held_out) -> dict:

@@ -36,6 +36,7 @@ LOSS_HYPERPARAMETERS = {
     "arcface": {"scale": 32.0, "margin": 0.3},
     "combined": {"scale": 32.0, "m1": 1.0, "m2": 0.2, "m3": 0.1},
     "sphereface": {
+        "scale": 0.0,  # 0: the original form, the scale is the feature norm ||x||
         "margin": 4,
         "base": 1000.0,
         "gamma": 0.12,

@@ -1,7 +1,7 @@
 """The figures of the notebooks and of the README gallery.
 
 Each notebook in notebooks/ calls these functions and defines no logic of its
-own; ``python -m train.figures --out docs/gallery`` (``make gallery``) writes
+own; ``python -m figures --out docs/gallery`` (``make gallery``) writes
 the README's PNG files with the same functions. Every function returns a
 matplotlib `Figure` built on an Agg canvas (no pyplot state, no display
 needed), or plain data (dicts, markdown tables).

@@ -1,4 +1,4 @@
-"""Regenerates the README gallery: python -m train.figures --out docs/gallery.
+"""Regenerates the README gallery: python -m figures --out docs/gallery.
 
 Writes one PNG per figure with the functions the notebooks call, training the
 hypersphere and support-vector runs through train/ first (runs are cached in
@@ -29,7 +29,7 @@ SV_STEPS, SV_EVERY = (100, 6), (5, 2)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.figures", description=__doc__.split("\n")[0]
+        prog="python -m figures", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="docs/gallery", help="PNG directory.")
     parser.add_argument(
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _figures(names, quick: bool):
     """Yields (name, Figure) for each requested figure, training as needed."""
-    from train.figures import glyphs, gradients, hypersphere, support_vectors, zoo
+    from figures import glyphs, gradients, hypersphere, support_vectors, zoo
 
     pick = 1 if quick else 0
     if "glyphs" in names:
@@ -84,7 +84,7 @@ def _figures(names, quick: bool):
 
 
 def main(argv=None):
-    from train import figures
+    import figures
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.figures import _plot
+from figures import _plot
 
 
 def plot_glyph_samples(*, num_classes: int = 8, seed: int = 0, jitter=None):

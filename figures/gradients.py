@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margin_jax as mj
-from train.figures import _plot
+from figures import _plot
 
 
 def cosine_losses(scale: float = 16.0) -> dict:

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import figures
 import margin_jax as mj
-from train import figures, input_pipeline, losses_table
+from figures import _plot
+from figures.hypersphere import config_id, runs_dir
+from train import input_pipeline, losses_table, restore
 from train import train as train_lib
-from train.figures import _plot
-from train.figures.hypersphere import config_id, runs_dir
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ def train_snapshots(
     margin = float(loss["margin"])
     snapshots = []
     for step in range(0, steps + 1, every) if at is None else at:
-        model = train_lib.restore_model(
+        model = restore.restore_model(
             config, workdir, train_data.images.shape[1:], step=step
         )
         weights = model.head.weight[...]

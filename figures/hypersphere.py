@@ -21,9 +21,10 @@ import os
 import numpy as np
 from flax import nnx
 
-from train import compare, evaluation, figures
+import figures
+from figures import _plot
+from train import compare, evaluation, restore
 from train import train as train_lib
-from train.figures import _plot
 
 # The methods drawn, in order (keys of train.compare.METHODS).
 METHODS = (
@@ -57,7 +58,7 @@ def runs_dir(name: str) -> str:
 
 @functools.cache
 def _code_fingerprint() -> bytes:
-    """The margin_jax and train/ sources (figures excepted) and library versions."""
+    """The margin_jax and train/ sources and the library versions."""
     import flax
     import jax
     import optax
@@ -71,7 +72,7 @@ def _code_fingerprint() -> bytes:
     for package in (margin_jax, train):
         root = os.path.dirname(os.path.abspath(package.__file__))
         for folder, dirs, files in sorted(os.walk(root)):
-            dirs[:] = sorted(d for d in dirs if d not in ("figures", "__pycache__"))
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for name in sorted(f for f in files if f.endswith(".py")):
                 path = os.path.join(folder, name)
                 digest.update(os.path.relpath(path, root).encode())
@@ -146,7 +147,7 @@ def train_run(method: str, dim: int, *, steps: int, seed: int = 0, workdir=None)
             diverged=str(e),
         )
     results.pop("_arrays", None)
-    model = train_lib.restore_model(config, workdir, train_data.images.shape[1:])
+    model = restore.restore_model(config, workdir, train_data.images.shape[1:])
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     embed = lambda x: evaluation.embed(graphdef, params, stats, x)  # noqa: E731
     weight = np.asarray(model.head.weight[...])

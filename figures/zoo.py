@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margin_jax as mj
-from train.figures import _plot
+from figures import _plot
 
 THETA = np.linspace(0.0, np.pi, 721)
 ARCFACE_M = 0.5
