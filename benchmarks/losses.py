@@ -22,7 +22,6 @@ Ratios, not absolute times, are the result: these machines are noisy.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import sys
@@ -38,44 +37,21 @@ from _timing import median_ms_jax, median_seconds  # noqa: E402
 import margin_jax as mj  # noqa: E402
 
 
+def _registered(factory):
+    """(cos, labels) -> [B] of a `margin_jax.NAMED_STAGES` entry, its defaults."""
+    stages = factory()
+
+    def loss(cos, labels):
+        out = mj.margin_softmax_loss(cos, labels, stages=stages)
+        return out if stages.state is None else out[0]
+
+    return loss
+
+
 def _losses(num_classes: int) -> dict:
-    adacos_s = mj.adacos_fixed_scale(num_classes)
-    return {
-        "normface": mj.normface_loss,
-        "cosface": mj.cosface_loss,
-        "arcface": mj.arcface_loss,
-        "arcface (straight-through)": functools.partial(
-            mj.arcface_loss, straight_through=True
-        ),
-        "combined (1, 0.3, 0.2)": mj.combined_margin_loss,
-        "sphereface (m=4, λ=5)": functools.partial(mj.sphereface_loss, lambda_=5.0),
-        "adacos (fixed)": functools.partial(mj.adacos_loss, scale=adacos_s),
-        "sv-softmax": mj.sv_softmax_loss,
-        "sv-am": functools.partial(
-            mj.sv_softmax_loss, margin_type="cosface", margin=0.35
-        ),
-        "sv-arc": functools.partial(
-            mj.sv_softmax_loss, margin_type="arcface", margin=0.5
-        ),
-        "mv-am": mj.mv_softmax_loss,
-        "mv-arc (fixed)": functools.partial(
-            mj.mv_softmax_loss, margin_type="arcface", margin=0.5, mode="fixed"
-        ),
-        "eqm": functools.partial(mj.eqm_loss, scale=64.0, t1=0.6, t2=0.25),
-        "curricularface": lambda c, y: mj.curricularface_loss(
-            c, y, mj.init_curricular_state()
-        )[0],
-        "focal (on arcface logits)": lambda c, y: mj.focal_loss(
-            mj.margin_logits(
-                c,
-                y,
-                target_fn=functools.partial(mj.arcface_target, margin=0.5),
-                scale=64.0,
-            ),
-            y,
-        ),
-        "hard mining (r=0.9)": lambda c, y: mj.hard_mining_loss(64.0 * c, y),
-    }
+    """Every loss of the registry with the library's defaults."""
+    del num_classes
+    return {name: _registered(f) for name, f in mj.NAMED_STAGES.items()}
 
 
 def _jax_step(loss_fn):
@@ -126,7 +102,7 @@ def _pml_losses(num_classes: int, dim: int):
         "normface": lambda: pml.NormalizedSoftmaxLoss(temperature=1 / 64.0, **kw),
         "cosface": lambda: pml.CosFaceLoss(margin=0.35, scale=64, **kw),
         "arcface": lambda: pml.ArcFaceLoss(margin=np.degrees(0.5), scale=64, **kw),
-        "sphereface (m=4, λ=5)": lambda: pml.SphereFaceLoss(margin=4, scale=64, **kw),
+        "sphereface": lambda: pml.SphereFaceLoss(margin=4, scale=64, **kw),
     }
     return torch, table
 

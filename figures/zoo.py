@@ -1,7 +1,7 @@
 """Figures of notebooks/loss_zoo.ipynb: what each margin does to the logits.
 
 All curves come from the margin_jax stage functions themselves (the target
-stages of `margin_jax.margins`, the non-target stages of `margin_jax.masks`),
+stages of `margin_jax.targets`, the non-target stages of `margin_jax.non_targets`),
 evaluated on a grid of angles; nothing is re-implemented here except the
 paper formula cos(θ + m) *without* ArcFace's fallback, drawn to show why the
 library has one.

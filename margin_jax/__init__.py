@@ -31,6 +31,9 @@ from margin_jax.cosine import safe_arccos as safe_arccos
 from margin_jax.cosine import safe_sin as safe_sin
 from margin_jax.cosine import take_target as take_target
 from margin_jax.cosine import target_mask as target_mask
+from margin_jax.example_weights import focal_weight as focal_weight
+from margin_jax.example_weights import focal_weight_from_ce as focal_weight_from_ce
+from margin_jax.example_weights import hard_mining_mask as hard_mining_mask
 from margin_jax.losses import adacos_loss as adacos_loss
 from margin_jax.losses import arcface_loss as arcface_loss
 from margin_jax.losses import combined_margin_loss as combined_margin_loss
@@ -46,25 +49,11 @@ from margin_jax.losses import normface_loss as normface_loss
 from margin_jax.losses import softmax_loss as softmax_loss
 from margin_jax.losses import sphereface_loss as sphereface_loss
 from margin_jax.losses import sv_softmax_loss as sv_softmax_loss
-from margin_jax.margins import arcface_target as arcface_target
-from margin_jax.margins import chebyshev_cos as chebyshev_cos
-from margin_jax.margins import chebyshev_sin as chebyshev_sin
-from margin_jax.margins import combined_target as combined_target
-from margin_jax.margins import cosface_target as cosface_target
-from margin_jax.margins import eqm_target as eqm_target
-from margin_jax.margins import normface_target as normface_target
-from margin_jax.margins import sphereface_lambda as sphereface_lambda
-from margin_jax.margins import sphereface_psi as sphereface_psi
-from margin_jax.margins import sphereface_target as sphereface_target
-from margin_jax.margins import straight_through as straight_through
-from margin_jax.masks import curricular_non_target as curricular_non_target
-from margin_jax.masks import eqm_non_target as eqm_non_target
-from margin_jax.masks import focal_weight as focal_weight
-from margin_jax.masks import focal_weight_from_ce as focal_weight_from_ce
-from margin_jax.masks import hard_mining_mask as hard_mining_mask
-from margin_jax.masks import mv_non_target as mv_non_target
-from margin_jax.masks import support_vector_mask as support_vector_mask
-from margin_jax.masks import sv_non_target as sv_non_target
+from margin_jax.non_targets import curricular_non_target as curricular_non_target
+from margin_jax.non_targets import eqm_non_target as eqm_non_target
+from margin_jax.non_targets import mv_non_target as mv_non_target
+from margin_jax.non_targets import support_vector_mask as support_vector_mask
+from margin_jax.non_targets import sv_non_target as sv_non_target
 from margin_jax.pairs import contrastive_loss as contrastive_loss
 from margin_jax.pairs import mine_batch_all as mine_batch_all
 from margin_jax.pairs import mine_batch_hard as mine_batch_hard
@@ -92,5 +81,16 @@ from margin_jax.stages import mv_softmax_stages as mv_softmax_stages
 from margin_jax.stages import normface_stages as normface_stages
 from margin_jax.stages import sphereface_stages as sphereface_stages
 from margin_jax.stages import sv_softmax_stages as sv_softmax_stages
+from margin_jax.targets import arcface_target as arcface_target
+from margin_jax.targets import chebyshev_cos as chebyshev_cos
+from margin_jax.targets import chebyshev_sin as chebyshev_sin
+from margin_jax.targets import combined_target as combined_target
+from margin_jax.targets import cosface_target as cosface_target
+from margin_jax.targets import eqm_target as eqm_target
+from margin_jax.targets import normface_target as normface_target
+from margin_jax.targets import sphereface_lambda as sphereface_lambda
+from margin_jax.targets import sphereface_psi as sphereface_psi
+from margin_jax.targets import sphereface_target as sphereface_target
+from margin_jax.targets import straight_through as straight_through
 
 __version__ = "0.1.0"

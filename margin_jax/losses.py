@@ -5,8 +5,8 @@ Every margin softmax is one pipeline:
     cos [B, C] -> target transform f(c_y) -> non-target transform g(c, f)
     -> scaled cross-entropy of s·z, with z_y = f(c_y) and z_k = g(c_k, f)
 
-`margin_softmax_loss` runs it for any pair of stage functions (`margin_jax.margins`,
-`margin_jax.masks`); each named loss below is that composer with fixed stages.
+`margin_softmax_loss` runs it for any pair of stage functions (`margin_jax.targets`,
+`margin_jax.non_targets`); each named loss below is that composer with fixed stages.
 All losses return the per-example loss [B] (the caller reduces, as in optax),
 take ``where`` (bool [B]) for padding, and compute in float32 or wider.
 """
@@ -24,7 +24,7 @@ from margin_jax.adaptive import CurricularState
 from margin_jax.composer import compose, dense_form, resolve_stages
 from margin_jax.cosine import put_target, take_target
 from margin_jax.cross_entropy import cross_entropy_from_gaps
-from margin_jax.masks import focal_weight_from_ce, hard_mining_mask
+from margin_jax.example_weights import focal_weight_from_ce, hard_mining_mask
 from margin_jax.stages import (
     MARGIN_TYPES,
     Stages,
@@ -83,9 +83,9 @@ def margin_logits(
     Args:
       cos: [B, C] cosines (`margin_jax.cosine_logits`).
       labels: [B] integer labels.
-      target_fn: c_y [B] -> f(c_y) [B] (a `margin_jax.margins` function).
+      target_fn: c_y [B] -> f(c_y) [B] (a `margin_jax.targets` function).
       non_target_fn: optional (cos [B, C], f [B, 1]) -> [B, C], elementwise
-        (a `margin_jax.masks` stage); its target column is overwritten.
+        (a `margin_jax.non_targets` stage); its target column is overwritten.
       scale: s, a scalar or per-example [B].
       stages: instead of the three keywords, a `Stages` without batch
         statistics or example weight (e.g. ``arcface_stages(margin=0.5)``).

@@ -51,7 +51,15 @@ from margin_jax.adaptive import (
     init_curricular_state,
     update_curricular_state,
 )  # fmt: skip
-from margin_jax.margins import (
+from margin_jax.example_weights import focal_weight_from_ce, hard_mining_mask
+from margin_jax.non_targets import (
+    MV_MODES,
+    curricular_non_target,
+    eqm_non_target,
+    mv_non_target,
+    sv_non_target,
+)
+from margin_jax.targets import (
     arcface_target,
     check_sphere_margin,
     combined_target,
@@ -60,16 +68,7 @@ from margin_jax.margins import (
     normface_target,
     sphereface_target,
 )
-from margin_jax.margins import straight_through as _straight_through
-from margin_jax.masks import (
-    MV_MODES,
-    curricular_non_target,
-    eqm_non_target,
-    focal_weight_from_ce,
-    hard_mining_mask,
-    mv_non_target,
-    sv_non_target,
-)
+from margin_jax.targets import straight_through as _straight_through
 
 __all__ = [
     "Stages",
@@ -128,9 +127,9 @@ class Stages(NamedTuple):
     """The stages of a margin softmax, run by the composer in any form.
 
     Attributes:
-      target_fn: target transform, c_y [B] -> f(c_y) [B] (`margin_jax.margins`).
+      target_fn: target transform, c_y [B] -> f(c_y) [B] (`margin_jax.targets`).
       non_target_fn: optional non-target transform, elementwise, (cos [B, C],
-        f [B, 1]) -> [B, C] (`margin_jax.masks`); its target column is ignored.
+        f [B, 1]) -> [B, C] (`margin_jax.non_targets`); its target column is ignored.
       scale: s, a scalar or per-example [B]; None for the per-example feature
         norm ||x_i|| (SphereFace's original form).
       statistics: optional (stages, `Batch`) -> stages for this step: computes

@@ -26,13 +26,11 @@ def _data(batch=12, dim=16, num_classes=37, seed=0):
 
 
 def _dense(name, x, w, y, where=None):
-    target_fn, non_target_fn, scale = STAGES[name]
+    stages = STAGES[name]
     return mj.margin_softmax_loss(
         mj.cosine_logits(x, w),
         y,
-        target_fn=target_fn,
-        non_target_fn=non_target_fn,
-        scale=scale,
+        stages=stages,
         where=where,
     )
 
@@ -54,16 +52,14 @@ _CHUNK_CASES = [(name, 5) for name in sorted(STAGES)] + [
 def test_chunked_equals_dense(name, chunk):
     # 37 classes: chunk 5 and 8 do not divide C, 37 is one block, 64 > C.
     x, w, y = _data()
-    target_fn, non_target_fn, scale = STAGES[name]
+    stages = STAGES[name]
 
     def chunked(x, w):
         return mj.chunked_margin_loss(
             x,
             w,
             y,
-            target_fn=target_fn,
-            non_target_fn=non_target_fn,
-            scale=scale,
+            stages=stages,
             chunk_size=chunk,
         )
 
@@ -133,7 +129,7 @@ def test_chunked_gradient_wrt_traced_hyperparameter():
 
 def test_chunked_bf16_inputs():
     x, w, y = _data(seed=3)
-    target_fn, _, scale = STAGES["arcface"]
+    target_fn, scale = STAGES["arcface"].target_fn, STAGES["arcface"].scale
     out = mj.chunked_margin_loss(
         x.astype(jnp.bfloat16),
         w.astype(jnp.bfloat16),
@@ -156,7 +152,7 @@ def test_chunked_bf16_inputs():
 
 def test_chunked_errors():
     x, w, y = _data()
-    f = STAGES["arcface"][0]
+    f = STAGES["arcface"].target_fn
     with pytest.raises(ValueError, match=r"`chunk_size` must be a positive int"):
         mj.chunked_margin_loss(x, w, y, target_fn=f, scale=1.0, chunk_size=0)
     with pytest.raises(ValueError, match=r"must share D.*\(12, 16\).*\(37, 8\)"):
@@ -177,7 +173,7 @@ def _pad_shards(w, n_dev=N_DEV):
 
 
 def _sharded_grads(name, x, w, y, chunk=None, where=None):
-    target_fn, non_target_fn, scale = STAGES[name]
+    stages = STAGES[name]
     batch, num_classes = x.shape[0], w.shape[0]
 
     def local(x, ws, y, wh):
@@ -186,9 +182,7 @@ def _sharded_grads(name, x, w, y, chunk=None, where=None):
             ws,
             y,
             axis_name="d",
-            target_fn=target_fn,
-            non_target_fn=non_target_fn,
-            scale=scale,
+            stages=stages,
             chunk_size=chunk,
             num_classes=num_classes,
             where=wh,
@@ -235,7 +229,7 @@ def test_sharded_where_matches_dense():
 
 def test_sharded_under_shard_map():
     x, w, y = _data(batch=16, num_classes=40, seed=5)
-    target_fn, non_target_fn, scale = STAGES["arcface"]
+    target_fn, scale = STAGES["arcface"].target_fn, STAGES["arcface"].scale
     mesh = Mesh(np.array(jax.devices()), ("d",))
 
     def local(x, ws, y):
@@ -266,7 +260,7 @@ def test_sharded_under_shard_map():
 @functools.cache
 def _partial_fc_step(rate, num_classes, batch, name):
     """The pmapped Partial FC step, compiled once per setting (key is an input)."""
-    target_fn, non_target_fn, scale = STAGES[name]
+    stages = STAGES[name]
 
     def local(x, ws, y, key):
         sample = mj.partial_fc_sample(
@@ -277,9 +271,7 @@ def _partial_fc_step(rate, num_classes, batch, name):
             ws[sample.index],
             sample.labels,
             axis_name="d",
-            target_fn=target_fn,
-            non_target_fn=non_target_fn,
-            scale=scale,
+            stages=stages,
             num_valid=sample.num_valid,
         )
         return loss.sum() / batch, (loss, sample)

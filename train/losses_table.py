@@ -197,7 +197,7 @@ def _registered(name: str) -> LossSpec:
 
     choices = {"margin_type": mj.stages.MARGIN_TYPES}
     if name == "mv_softmax":
-        choices["mode"] = mj.masks.MV_MODES
+        choices["mode"] = mj.non_targets.MV_MODES
     spec = LossSpec(
         fn=None, init_state=init_state, stages=stages, hyperparameters=hyper
     )
