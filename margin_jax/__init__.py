@@ -23,6 +23,7 @@ from margin_jax.chunked import default_chunk_size as default_chunk_size
 from margin_jax.chunked import non_target_logsumexp as non_target_logsumexp
 from margin_jax.chunked import partial_fc_sample as partial_fc_sample
 from margin_jax.chunked import sharded_margin_loss as sharded_margin_loss
+from margin_jax.chunked import top1_classes as top1_classes
 from margin_jax.cosine import cosine_logits as cosine_logits
 from margin_jax.cosine import inverse_row_norms as inverse_row_norms
 from margin_jax.cosine import l2_normalize as l2_normalize

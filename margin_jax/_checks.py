@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "compute_dtype",
     "is_concrete",
+    "is_int",
     "check_floating",
     "check_rank",
     "check_labels",
@@ -41,6 +42,11 @@ def compute_dtype(*arrays) -> jnp.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool (for static sizes and counts)."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 def _shape(x) -> tuple:

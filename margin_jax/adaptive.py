@@ -42,11 +42,7 @@ def adacos_fixed_scale(num_classes: int) -> jax.Array:
       Learning Deep Face Representations", CVPR 2019,
       https://arxiv.org/abs/1905.00292
     """
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or num_classes < 3
-    ):
+    if not _checks.is_int(num_classes) or num_classes < 3:
         raise ValueError(
             "adacos_fixed_scale: `num_classes` must be an int >= 3, got "
             f"{num_classes!r}."

@@ -73,7 +73,7 @@ def init_centers(num_classes: int, dim: int, *, dtype=jnp.float32) -> CenterStat
     """
     fn = "init_centers"
     for name, value in (("num_classes", num_classes), ("dim", dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _checks.is_int(value) or value < 1:
             raise ValueError(f"{fn}: `{name}` must be a positive int; got {value!r}.")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{fn}: `dtype` must be a floating dtype; got {dtype}.")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from margin_jax import _checks
+from margin_jax import _checks, collective
 from margin_jax.collective import varying_axes
 from margin_jax.composer import Form, compose, resolve_stages, stage_gaps
 from margin_jax.cosine import (
@@ -50,6 +50,7 @@ __all__ = [
     "PartialFCSample",
     "non_target_logsumexp",
     "default_chunk_size",
+    "top1_classes",
     "MEMORY_BUDGET",
 ]
 
@@ -301,11 +302,7 @@ def non_target_logsumexp(
 
 
 def _check_chunk(chunk_size, fn):
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int)
-        or chunk_size < 1
-    ):
+    if not _checks.is_int(chunk_size) or chunk_size < 1:
         raise ValueError(
             f"{fn}: `chunk_size` must be a positive int, got {chunk_size!r}."
         )
@@ -558,6 +555,71 @@ def sharded_margin_loss(
     loss, state = out if stages.state is not None else (out, None)
     loss = jax.lax.dynamic_slice_in_dim(loss, device * local_batch, local_batch)
     return loss if state is None else (loss, state)
+
+
+def top1_classes(
+    embeddings: ArrayLike,
+    weights: ArrayLike,
+    *,
+    chunk_size: int | None = None,
+    axis_name=None,
+    num_classes: int | None = None,
+) -> jax.Array:
+    """argmax_j cos(x_i, w_j) [B] over class blocks (never the whole [B, C]).
+
+    The closed-set prediction of a classifier head at any class count: the
+    same blocks and cosines (`margin_jax.cosine.scaled_cosines`) as the
+    chunked loss, no gradient. With ``axis_name`` (class-sharded W),
+    ``weights`` is this device's shard and the winner is taken over all
+    devices for the whole all-gathered batch: the result is [B_global] of
+    global labels, and rows with a global index >= ``num_classes`` (padding
+    of the last shards) never win.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_jax import top1_classes
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+      >>> top1_classes(jnp.array([[0.1, 1.0], [-3.0, 0.2]]), w, chunk_size=2).tolist()
+      [1, 2]
+    """
+    fn = "top1_classes"
+    _checks.check_embeddings_weights(embeddings, weights, fn)
+    dtype = _checks.compute_dtype(embeddings, weights)
+    x = jax.lax.stop_gradient(l2_normalize(jnp.asarray(embeddings, dtype)))
+    weights = jax.lax.stop_gradient(jnp.asarray(weights, dtype))
+    x = collective.gather(x, axis_name)
+    num_rows = weights.shape[0]
+    chunk = default_chunk_size(x.shape[0]) if chunk_size is None else chunk_size
+    _check_chunk(chunk, fn)
+    chunk = min(chunk, num_rows)
+    offset = collective.axis_offset(num_rows, axis_name)
+    limit = offset + num_rows if num_classes is None else num_classes
+
+    def body(k, carry):
+        best, arg = carry
+        start = _block(k, chunk, num_rows)
+        block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
+        cos = scaled_cosines(x, block)
+        rows = offset + start + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        cos = jnp.where(rows < limit, cos, -jnp.inf)
+        block_best = jnp.max(cos, axis=-1)
+        better = block_best > best
+        return (
+            jnp.where(better, block_best, best),
+            jnp.where(better, start + jnp.argmax(cos, axis=-1), arg),
+        )
+
+    init = (
+        _zeros_like(x[:, 0], x, weights) - jnp.inf,
+        jnp.zeros(x.shape[:1], jnp.int32) + _zeros_like(x[:, 0], x).astype(jnp.int32),
+    )
+    best, arg = jax.lax.fori_loop(0, -(-num_rows // chunk), body, init)
+    if axis_name is None:
+        return arg
+    bests = jax.lax.all_gather(best, axis_name)
+    args = jax.lax.all_gather(arg + offset, axis_name)
+    winner = jnp.argmax(bests, axis=0)
+    return jnp.take_along_axis(args, winner[None], axis=0)[0]
 
 
 class PartialFCSample(NamedTuple):

@@ -262,7 +262,7 @@ def combined_target(
 
 
 def check_sphere_margin(margin, fn: str) -> int:
-    if isinstance(margin, bool) or not isinstance(margin, int | np.integer):
+    if not _checks.is_int(margin):
         raise TypeError(
             f"{fn}: `margin` must be a Python int >= 1 (the multiplicative angular "
             f"margin m of A-Softmax, a static value); got {type(margin).__name__} "

@@ -242,3 +242,13 @@ def test_bad_head_choices_list_valid_ones():
     ):
         train.validate_config(config)
     assert "arcface" in [k for k, v in losses_table.LOSSES.items() if v.stages]
+
+
+def test_head_chunk_size_zero_is_the_memory_budget_and_negative_says_so():
+    config = tiny.get_config()
+    config.head = "chunked"
+    assert config.head_chunk_size == 0
+    train.validate_config(config)
+    config.head_chunk_size = -1
+    with pytest.raises(ValueError, match=r"config.head_chunk_size must be an int >= 0"):
+        train.validate_config(config)

@@ -13,7 +13,6 @@ name deeper down (a backbone block called ``head`` is not the classifier).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import margin_jax as mj
 from train import losses_table
@@ -29,7 +28,7 @@ def make_loss_fn(config, num_classes: int | None = None):
     return losses_table.head_loss(
         spec,
         config.get("head", "dense"),
-        chunk_size=config.get("head_chunk_size", 2048),
+        chunk_size=config.get("head_chunk_size", 0),
         partial_fc_rate=config.get("partial_fc_rate", 1.0),
         num_classes=num_classes,
     )
@@ -87,44 +86,5 @@ def map_head(fn, tree, params, other=lambda x: x):
     return jax.tree.map(apply, tree, is_leaf=shaped_like_params)
 
 
-def top1_predictions(
-    embeddings, weights, *, chunk_size=2048, axis_name=None, num_classes=None
-):
-    """argmax_j cos(x_i, w_j) [B] in class blocks (never the whole [B, C]).
-
-    With ``axis_name`` (sharded head), ``weights`` is this device's shard and
-    the winner is taken over all devices for the whole (all-gathered) batch:
-    the result is [B_global], labels are global, and rows with a global index
-    >= ``num_classes`` (padding of the last shards) never win.
-    """
-    x = mj.l2_normalize(embeddings)
-    if axis_name is not None:
-        x = jax.lax.all_gather(x, axis_name, tiled=True)
-    num_rows = weights.shape[0]
-    chunk = min(chunk_size, num_rows)
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_rows
-    limit = offset + num_rows if num_classes is None else num_classes
-
-    def body(k, carry):
-        best, arg = carry
-        start = jnp.minimum(k * chunk, num_rows - chunk)
-        block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
-        cos = x @ mj.l2_normalize(block).T
-        rows = offset + start + jnp.arange(chunk)
-        cos = jnp.where(rows < limit, cos, -jnp.inf)
-        block_best = jnp.max(cos, axis=-1)
-        better = block_best > best
-        return (
-            jnp.where(better, block_best, best),
-            jnp.where(better, start + jnp.argmax(cos, axis=-1), arg),
-        )
-
-    init = (jnp.full(x.shape[:1], -jnp.inf, x.dtype), jnp.zeros(x.shape[:1], jnp.int32))
-    best, arg = jax.lax.fori_loop(0, -(-num_rows // chunk), body, init)
-    if axis_name is None:
-        return arg
-    arg = arg + offset
-    bests = jax.lax.all_gather(best, axis_name)
-    args = jax.lax.all_gather(arg, axis_name)
-    winner = jnp.argmax(bests, axis=0)
-    return jnp.take_along_axis(args, winner[None], axis=0)[0]
+# The closed-set accuracy's argmax over W in class blocks (any head).
+top1_predictions = mj.top1_classes

@@ -391,6 +391,11 @@ def head_loss(
         raise ValueError(
             f"Unknown head {head!r}; valid choices for config.head: {', '.join(HEADS)}."
         )
+    if chunk_size is not None and (not mj._checks.is_int(chunk_size) or chunk_size < 0):
+        raise ValueError(
+            "config.head_chunk_size must be an int >= 0 (0: from the memory budget, "
+            f"margin_jax.default_chunk_size); got {chunk_size!r}."
+        )
     if spec.stages is not None:
         return _stage_head(
             spec,

@@ -118,9 +118,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict({"name": "arcface", **LOSS_HYPERPARAMETERS})
     # Classifier head: "dense" logits [B, C]; "chunked" (exact, class blocks of
     # head_chunk_size, never [B, C]); "sharded" (W split by class over the
-    # devices, with Partial FC sampling when partial_fc_rate < 1).
+    # devices, with Partial FC sampling when partial_fc_rate < 1). Chunk 0: from
+    # the backend's memory budget (margin_jax.default_chunk_size; 2048 classes
+    # at batch 256 on CPU).
     config.head = "dense"
-    config.head_chunk_size = 2048
+    config.head_chunk_size = 0
     config.partial_fc_rate = 1.0
     # Optimiser: warm-up then cosine decay.
     config.optimizer = "adamw"  # or "sgd"
