@@ -4,7 +4,8 @@ For B=256, D=512 and C in {100k, 1M} (ArcFace, s=64, m=0.5) this times the
 jitted forward + backward w.r.t. embeddings and W of
 
 * dense: margin_softmax_loss(cosine_logits(x, W), ...) (skipped with --no-dense-at),
-* chunked: chunked_margin_loss(x, W, ...) with --chunk classes per block,
+* chunked: chunked_margin_loss(x, W, ...) with --chunk classes per block (0,
+  the default: margin_jax.default_chunk_size, from the backend's memory budget),
 * sharded: sharded_margin_loss over 8 fake CPU devices under pmap (run in a
   subprocess, since the device count is fixed when JAX starts),
 
@@ -20,7 +21,6 @@ dW), i.e. the loss's working memory, compared with the size of the dense logits
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -43,7 +43,7 @@ def _single(kind, batch, dim, num_classes, chunk, repeats):
     sys.path.insert(0, ROOT)
     import margin_jax as mj
 
-    target_fn = functools.partial(mj.arcface_target, margin=0.5)
+    stages = mj.NAMED_STAGES["arcface"](margin=0.5, scale=64.0)
     key_x, key_w, key_y = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (batch, dim))
     w = jax.random.normal(key_w, (num_classes, dim))
@@ -53,15 +53,13 @@ def _single(kind, batch, dim, num_classes, chunk, repeats):
 
         def loss(x, w):
             cos = mj.cosine_logits(x, w)
-            return mj.margin_softmax_loss(
-                cos, y, target_fn=target_fn, scale=64.0
-            ).mean()
+            return mj.margin_softmax_loss(cos, y, stages=stages).mean()
 
     elif kind == "chunked":
 
         def loss(x, w):
             return mj.chunked_margin_loss(
-                x, w, y, target_fn=target_fn, scale=64.0, chunk_size=chunk
+                x, w, y, stages=stages, chunk_size=chunk or None
             ).mean()
 
     else:
@@ -79,7 +77,7 @@ def _sharded(batch, dim, num_classes, chunk, repeats):
 
     n_dev = jax.local_device_count()
     rows = -(-num_classes // n_dev)
-    target_fn = functools.partial(mj.arcface_target, margin=0.5)
+    stages = mj.NAMED_STAGES["arcface"](margin=0.5, scale=64.0)
     key_x, key_w, key_y = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (n_dev, batch // n_dev, dim))
     w = jax.random.normal(key_w, (n_dev, rows, dim))
@@ -91,9 +89,8 @@ def _sharded(batch, dim, num_classes, chunk, repeats):
             ws,
             y,
             axis_name="d",
-            target_fn=target_fn,
-            scale=64.0,
-            chunk_size=min(chunk, rows),
+            stages=stages,
+            chunk_size=min(chunk, rows) if chunk else None,
             num_classes=num_classes,
         )
         return loss.sum() / batch
@@ -151,7 +148,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--classes", default="100000,1000000")
-    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=0, help="0: the memory budget")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--no-dense-at",
@@ -204,7 +201,8 @@ def main(argv=None):
     import jax
 
     print(
-        f"B={args.batch}, D={args.dim}, ArcFace, chunk={args.chunk}, median of "
+        f"B={args.batch}, D={args.dim}, ArcFace, chunk={args.chunk or 'default'}, "
+        "median of "
         f"{args.repeats} after warm-up; {platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} (CPU)\n"
     )

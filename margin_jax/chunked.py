@@ -494,7 +494,7 @@ def sharded_margin_loss(
     fn = "sharded_margin_loss"
     stages = resolve_stages(stages, target_fn, non_target_fn, scale, fn)
     local_batch = np.shape(embeddings)[0]
-    n_dev = jax.lax.axis_size(axis_name)
+    n_dev = collective.axis_size(axis_name)
     x_hat, norm, weights_shard, labels, where, chunk, dtype = _prepare(
         fn,
         embeddings,
@@ -505,8 +505,7 @@ def sharded_margin_loss(
         default_chunk_size(local_batch * n_dev) if chunk_size is None else chunk_size,
     )
     shard_rows = weights_shard.shape[0]
-    device = jax.lax.axis_index(axis_name)
-    offset = device * shard_rows
+    offset = collective.axis_offset(shard_rows, axis_name)
     total_rows = n_dev * shard_rows
     if num_valid is None:
         num_classes = total_rows if num_classes is None else num_classes
@@ -516,7 +515,7 @@ def sharded_margin_loss(
     else:
         num_classes = total_rows  # Partial FC: the sampled rows of every device
 
-    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+    gather = functools.partial(collective.gather, axis_name=axis_name)
     if stages.scale is not None and jnp.ndim(stages.scale) == 1:  # this device's [b]
         local = _checks.scale_vector(stages.scale, local_batch, dtype, fn, where=where)
         stages = stages._replace(scale=gather(local))
@@ -528,7 +527,7 @@ def sharded_margin_loss(
     owned = (local_labels >= 0) & (local_labels < shard_rows)
     rows = jnp.take(weights_shard, jnp.clip(local_labels, 0, shard_rows - 1), axis=0)
     part = jnp.where(owned, _target_cos(x_all, rows), 0.0)
-    target_cos = clip_cosine(jnp.sum(jax.lax.all_gather(part, axis_name), axis=0))
+    target_cos = clip_cosine(jnp.sum(collective.stack(part, axis_name), axis=0))
 
     def partials(target, s, g):
         top, rest = block_partials(
@@ -542,8 +541,10 @@ def sharded_margin_loss(
             offset=offset,
             num_valid=num_valid,
         )
-        tops = jax.lax.all_gather(top, axis_name)
-        rests = jax.lax.all_gather(rest, axis_name)
+        tops, rests = (
+            collective.stack(top, axis_name),
+            collective.stack(rest, axis_name),
+        )
         top_all = jax.lax.stop_gradient(jnp.max(tops, axis=0))
         return top_all, jnp.sum(rests * jnp.exp(tops - top_all[None]), axis=0)
 
@@ -553,7 +554,7 @@ def sharded_margin_loss(
     form = Form(target_cos, partials, lse, num_classes, norm_all)
     out = compose(stages, form, where=where_all, axis_name=None, fn=fn, dtype=dtype)
     loss, state = out if stages.state is not None else (out, None)
-    loss = jax.lax.dynamic_slice_in_dim(loss, device * local_batch, local_batch)
+    loss = collective.local_rows(loss, local_batch, axis_name)
     return loss if state is None else (loss, state)
 
 
@@ -616,8 +617,8 @@ def top1_classes(
     best, arg = jax.lax.fori_loop(0, -(-num_rows // chunk), body, init)
     if axis_name is None:
         return arg
-    bests = jax.lax.all_gather(best, axis_name)
-    args = jax.lax.all_gather(arg + offset, axis_name)
+    bests = collective.stack(best, axis_name)
+    args = collective.stack(arg + offset, axis_name)
     winner = jnp.argmax(bests, axis=0)
     return jnp.take_along_axis(args, winner[None], axis=0)[0]
 
@@ -690,12 +691,9 @@ def partial_fc_sample(
         labels, labels.shape[0], fn, ref="labels", ref_shape=labels.shape
     )
     batch = labels.shape[0]
-    if axis_name is None:
-        device, n_dev, all_labels = 0, 1, labels
-    else:
-        device = jax.lax.axis_index(axis_name)
-        n_dev = jax.lax.axis_size(axis_name)
-        all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+    device = collective.axis_index(axis_name)
+    n_dev = collective.axis_size(axis_name)
+    all_labels = collective.gather(labels, axis_name)
     total = n_dev * num_classes if total_classes is None else total_classes
     offset = device * num_classes
     valid_rows = jnp.clip(total - offset, 0, num_classes)
@@ -716,7 +714,6 @@ def partial_fc_sample(
     index = jnp.sort(jax.lax.top_k(scores, num_sample)[1])
     position = jnp.searchsorted(index, jnp.clip(local, 0, num_classes - 1))
     remapped = jnp.where(owned, device * num_sample + position, 0)
-    if axis_name is not None:
-        remapped = jax.lax.psum(remapped, axis_name)
-        remapped = jax.lax.dynamic_slice_in_dim(remapped, device * batch, batch)
+    remapped = collective.psum_no_grad(remapped, axis_name)
+    remapped = collective.local_rows(remapped, batch, axis_name)
     return PartialFCSample(index, remapped, jnp.minimum(num_sample, valid_rows))

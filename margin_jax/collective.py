@@ -2,8 +2,11 @@
 
 Every batch-statistic function of margin_jax (the pair and triplet losses, the
 two-head regulariser, hard-example mining, the AdaCos scale, CurricularFace's
-t, the centre update) takes ``axis_name`` and reduces over it only through the
-primitives of this module; none writes its own ``all_gather`` or ``psum``.
+t, the centre update), the class-sharded loss, Partial FC and `top1_classes`
+take ``axis_name`` and reduce over it only through the primitives of this
+module; none writes its own ``all_gather`` or ``psum``. The reference train
+step (``train/train.py``) follows the rule below: its objective is
+`global_mean` of the per-example losses and it psums the gradients.
 
 ``axis_name``:
   ``None`` means one device: the local batch is the whole batch and every
@@ -64,6 +67,7 @@ __all__ = [
     "axis_index",
     "axis_offset",
     "gather",
+    "stack",
     "local_rows",
     "psum_no_grad",
     "varying_axes",
@@ -135,6 +139,28 @@ def gather(x: ArrayLike, axis_name: AxisName) -> jax.Array:
     if axis_name is None:
         return x
     return lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def stack(x: ArrayLike, axis_name: AxisName) -> jax.Array:
+    """Every device's ``x``, stacked on a new leading axis [n_devices, ...].
+
+    For partial results that every device then uses whole, such as the
+    class-sharded loss's per-shard sums (each device needs every shard's sum for
+    the rows it keeps): the transpose of the stack is a sum over the axis, so a
+    device's partial receives the gradient from every device that used it. (A
+    `global_sum` is the other case: each device keeps only its own share.)
+    For None, ``x[None]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_jax.collective import stack
+      >>> n = jax.local_device_count()
+      >>> out = jax.pmap(lambda x: stack(x, "d"), axis_name="d")(jnp.arange(n))
+      >>> out.shape == (n, n)
+      True
+    """
+    x = jnp.asarray(x)
+    return x[None] if axis_name is None else lax.all_gather(x, axis_name)
 
 
 def local_rows(x_global: ArrayLike, batch: int, axis_name: AxisName) -> jax.Array:

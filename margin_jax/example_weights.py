@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from margin_jax import _checks, collective
+from margin_jax.cosine import take_target
+from margin_jax.cross_entropy import cross_entropy_from_gaps
 
 __all__ = ["focal_weight", "focal_weight_from_ce", "hard_mining_mask"]
 
@@ -31,8 +33,9 @@ def focal_weight(
 ) -> jax.Array:
     """Focal-loss weight (1 - p_y)^γ from logits, computed stably.
 
-    1 - p_y = -expm1(log p_y) with log p_y from log_softmax, so it is accurate
-    when p_y is near 1 (where 1 - exp(...) would cancel). Differentiable.
+    1 - p_y = -expm1(-CE) with the package's one cross-entropy
+    (`margin_jax.cross_entropy`), so it is accurate when p_y is near 1 (where
+    1 - exp(...) would cancel). Differentiable.
 
     Args:
       logits: [B, C] (plain or margin logits).
@@ -49,9 +52,10 @@ def focal_weight(
       [0.25]
     """
     logits = jnp.asarray(logits)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    log_py = jnp.take_along_axis(log_p, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
-    return focal_weight_from_ce(-log_py, gamma=gamma)
+    logits = logits.astype(_checks.compute_dtype(logits))
+    labels = jnp.asarray(labels)
+    gaps = logits - take_target(logits, labels)[:, None]
+    return focal_weight_from_ce(cross_entropy_from_gaps(gaps, labels), gamma=gamma)
 
 
 def focal_weight_from_ce(ce: ArrayLike, *, gamma: ArrayLike = 2.0) -> jax.Array:
