@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -18,44 +19,87 @@ import numpy as np
 
 import margin_jax as mj
 from figures import _plot
+from margin_jax.composer import dense_form
 
 
-def cosine_losses(scale: float = 16.0) -> dict:
-    """name -> loss(cos [B, C], labels [B]) -> [B], each named loss of margin_jax."""
-    arc = functools.partial(mj.arcface_target, margin=0.5)
-    logits = functools.partial(mj.margin_logits, target_fn=arc, scale=scale)
-    s = scale
-    return {
-        "softmax (on s·cos)": lambda c, y: mj.softmax_loss(s * c, y),
-        "normface": lambda c, y: mj.normface_loss(c, y, scale=s),
-        "cosface": lambda c, y: mj.cosface_loss(c, y, scale=s),
-        "arcface": lambda c, y: mj.arcface_loss(c, y, scale=s),
-        "combined (1, 0.3, 0.2)": lambda c, y: mj.combined_margin_loss(c, y, scale=s),
-        "sphereface (m = 4, λ = 5)": lambda c, y: mj.sphereface_loss(
-            c, y, margin=4, lambda_=5.0, scale=s
+def hold_statistics(stages: mj.Stages, cos, labels) -> mj.Stages:
+    """``stages`` with the batch statistics of (cos, labels) bound as constants.
+
+    A stateful loss (dynamic AdaCos's scale, CurricularFace's t) computes its
+    statistics from the batch without a gradient, so jax.grad treats them as
+    constants while finite differences see them move with every perturbed
+    input. Held at one batch's values they are exactly the constants jax.grad
+    sees there, and the stages become stateless.
+
+    Args:
+      stages: a `margin_jax.Stages` (returned as is when it has no statistics).
+      cos: [B, C] cosines of the batch the statistics are taken on.
+      labels: [B] integer labels.
+
+    Returns:
+      The `margin_jax.Stages` of that step, with ``statistics`` and ``state``
+      None.
+    """
+    if stages.statistics is None:
+        return stages
+    form = dense_form(jnp.asarray(cos), jnp.asarray(labels))
+    batch = mj.Batch(
+        target_cos=form.target_cos,
+        where=None,
+        axis_name=None,
+        num_classes=form.num_classes,
+        feature_norm=None,
+        non_target_logsumexp=lambda s: form.non_target_logsumexp(
+            jnp.broadcast_to(s, form.target_cos.shape)
         ),
-        "adacos (fixed scale)": lambda c, y: mj.adacos_loss(
-            c, y, scale=mj.adacos_fixed_scale(c.shape[1])
-        ),
-        "sv_softmax (SV-Arc)": lambda c, y: mj.sv_softmax_loss(
-            c, y, scale=s, margin_type="arcface", margin=0.5
-        ),
-        "mv_softmax (MV-AM)": lambda c, y: mj.mv_softmax_loss(c, y, scale=s),
-        "eqm": lambda c, y: mj.eqm_loss(c, y, scale=s, t1=0.6, t2=0.25),
-        # t is loss state, moved by each batch without a gradient: checked here
-        # with t held fixed (the stage composition curricularface_loss uses).
-        "curricularface stages (t = 0.3)": lambda c, y: mj.margin_softmax_loss(
-            c,
-            y,
-            target_fn=arc,
-            non_target_fn=functools.partial(mj.curricular_non_target, t=0.3),
-            scale=s,
-        ),
-        "focal (γ = 2, ArcFace logits)": lambda c, y: mj.focal_loss(logits(c, y), y),
-        "hard mining (ArcFace logits)": lambda c, y: mj.hard_mining_loss(
-            logits(c, y), y, keep_ratio=0.5
-        ),
-    }
+    )
+    return stages.statistics(stages, batch)._replace(statistics=None, state=None)
+
+
+def _label(name: str, factory, kwargs: dict, held: bool) -> str:
+    """'arcface (margin=0.5)': the entry and the hyperparameters it was built with.
+
+    The common scale, the state and switches left off are not repeated.
+    """
+    params = inspect.signature(factory).parameters
+    values = {k: kwargs.get(k, p.default) for k, p in params.items()}
+    shown = [
+        f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}"
+        for k, v in values.items()
+        if k not in ("scale", "state") and v is not False
+    ]
+    if held:
+        shown.append("batch statistics held")
+    return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def cosine_losses(scale: float = 16.0, *, seed: int = 0) -> dict:
+    """name -> loss(cos [B, C], labels [B]) -> [B]: every entry of the registry.
+
+    Plain softmax on s·cos, then each `margin_jax.NAMED_STAGES` entry built with
+    its factory's defaults and the common ``scale`` (where the factory takes
+    one; SphereFace with λ = 5, the end of its annealing), run through
+    `margin_jax.margin_softmax_loss`. The stateful entries (dynamic AdaCos,
+    CurricularFace) hold their batch statistics at the values of the
+    `check_loss` batch of ``seed`` (`hold_statistics`): the gradient checked is
+    then the one the loss computes there, with the statistics as constants.
+    """
+    x, w, labels = _inputs(seed)
+    cos = mj.cosine_logits(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    losses = {"softmax (on s·cos)": lambda c, y: mj.softmax_loss(scale * c, y)}
+    for name, factory in mj.NAMED_STAGES.items():
+        kwargs = (
+            {"scale": scale} if "scale" in inspect.signature(factory).parameters else {}
+        )
+        if name == "sphereface":
+            kwargs["lambda_"] = 5.0
+        stages = factory(**kwargs)
+        held = stages.statistics is not None and stages.state is not None
+        if held:
+            stages = hold_statistics(stages, cos, jnp.asarray(labels))
+        label = _label(name, factory, kwargs, held)
+        losses[label] = functools.partial(mj.margin_softmax_loss, stages=stages)
+    return losses
 
 
 def embedding_losses() -> dict:
@@ -206,7 +250,8 @@ def check_loss(
 
 def gradient_check_table(seed: int = 0) -> list[Check]:
     """`check_loss` of every loss of `cosine_losses` and `embedding_losses`."""
-    checks = [check_loss(fn, n, seed=seed) for n, fn in cosine_losses().items()]
+    losses = cosine_losses(seed=seed)
+    checks = [check_loss(fn, n, seed=seed) for n, fn in losses.items()]
     checks += [
         check_loss(fn, n, on="embeddings", seed=seed)
         for n, fn in embedding_losses().items()

@@ -4,12 +4,15 @@ All curves come from the margin_jax stage functions themselves (the target
 stages of `margin_jax.targets`, the non-target stages of `margin_jax.non_targets`),
 evaluated on a grid of angles; nothing is re-implemented here except the
 paper formula cos(θ + m) *without* ArcFace's fallback, drawn to show why the
-library has one.
+library has one. The hyperparameters drawn are the defaults of the registry's
+factories (`margin_jax.NAMED_STAGES`), read from their signatures, so the
+figures show what ``NAMED_STAGES[name]()`` trains with.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,11 +20,20 @@ import numpy as np
 import margin_jax as mj
 from figures import _plot
 
+
+def _default(name: str, parameter: str):
+    """The default of ``parameter`` of the factory ``NAMED_STAGES[name]``."""
+    return inspect.signature(mj.NAMED_STAGES[name]).parameters[parameter].default
+
+
 THETA = np.linspace(0.0, np.pi, 721)
-ARCFACE_M = 0.5
-COSFACE_M = 0.35
-COMBINED = {"m1": 1.0, "m2": 0.3, "m3": 0.2}  # insightface's combined example
-EQM = {"t1": 0.6, "t2": 0.25}
+ARCFACE_M = _default("arcface", "margin")
+COSFACE_M = _default("cosface", "margin")
+# insightface's combined setting
+COMBINED = {m: _default("combined", m) for m in ("m1", "m2", "m3")}
+EQM = {t: _default("eqm", t) for t in ("t1", "t2")}
+SV_T = _default("sv_softmax", "t")
+MV_T = _default("mv_softmax", "t")
 
 
 def _np(x) -> np.ndarray:
@@ -113,15 +125,19 @@ def plot_target_curves(theta=THETA):
 
 
 def non_target_stages(*, target: float) -> dict[str, functools.partial]:
-    """The non-target stages drawn, with their default hyperparameters."""
+    """The non-target stages drawn, with the registry's default hyperparameters.
+
+    CurricularFace's t is state (an EMA of the target cosine, from 0), drawn at
+    t = 0.3, a value it reaches in training.
+    """
     del target  # every stage takes the target as an argument
     return {
-        "SV-Softmax, t = 1.2": functools.partial(mj.sv_non_target, t=1.2),
-        "MV-Softmax fixed, t = 0.2": functools.partial(
-            mj.mv_non_target, t=0.2, mode="fixed"
+        f"SV-Softmax, t = {SV_T}": functools.partial(mj.sv_non_target, t=SV_T),
+        f"MV-Softmax fixed, t = {MV_T}": functools.partial(
+            mj.mv_non_target, t=MV_T, mode="fixed"
         ),
-        "MV-Softmax adaptive, t = 0.2 (= SV, t = 1.2)": functools.partial(
-            mj.mv_non_target, t=0.2, mode="adaptive"
+        f"MV-Softmax adaptive, t = {MV_T} (= SV, t = {MV_T + 1:g})": (
+            functools.partial(mj.mv_non_target, t=MV_T, mode="adaptive")
         ),
         "CurricularFace, t = 0.3": functools.partial(mj.curricular_non_target, t=0.3),
     }
@@ -203,7 +219,9 @@ def decision_targets() -> dict[str, functools.partial]:
         f"ArcFace, m = {ARCFACE_M}": functools.partial(
             mj.arcface_target, margin=ARCFACE_M
         ),
-        "Combined (1, 0.3, 0.2)": functools.partial(mj.combined_target, **COMBINED),
+        "Combined ({m1:g}, {m2:g}, {m3:g})".format(**COMBINED): functools.partial(
+            mj.combined_target, **COMBINED
+        ),
     }
 
 

@@ -6,6 +6,7 @@ pieces whose answers are not visible in a picture.
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,6 +49,34 @@ def test_check_loss_on_embeddings_and_bad_argument():
     assert not naive.finite_at_boundary
     with pytest.raises(ValueError, match="`on` must be 'cosines' or 'embeddings'"):
         gradients.check_loss(mj.normface_loss, on="logits")
+
+
+def test_cosine_losses_cover_the_registry():
+    names = [label.split(" ")[0] for label in gradients.cosine_losses()]
+    assert names == ["softmax", *mj.NAMED_STAGES]
+
+
+def test_held_statistics_keep_the_value_and_gradient_of_their_batch():
+    """Held at a batch, a stateful loss has the same value and jax.grad there."""
+    cos = mj.cosine_logits(
+        jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32),
+        jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)), jnp.float32),
+    )
+    labels = jnp.arange(6) % 4
+    for stages in (mj.adacos_stages(), mj.curricularface_stages(scale=16.0)):
+        held = gradients.hold_statistics(stages, cos, labels)
+        assert held.statistics is None and held.state is None
+
+        def stateful(c, stages=stages):
+            return mj.margin_softmax_loss(c, labels, stages=stages)[0].sum()
+
+        def frozen(c, held=held):
+            return mj.margin_softmax_loss(c, labels, stages=held).sum()
+
+        np.testing.assert_allclose(frozen(cos), stateful(cos), rtol=1e-6)
+        np.testing.assert_allclose(
+            jax.grad(frozen)(cos), jax.grad(stateful)(cos), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_arcface_region_between_classes_is_2m_wide():

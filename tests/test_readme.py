@@ -1,4 +1,4 @@
-"""The README's quick start runs as printed and trains."""
+"""The README's examples run as printed: the quick start trains, the stages compose."""
 
 import os
 import re
@@ -6,13 +6,18 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quick_start() -> str:
+def _python_blocks(heading: str) -> list[str]:
+    """The python blocks of the README section under ``## {heading}``."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "no python block in the README's quick start"
-    return blocks[0]
+    assert blocks, f"no python block in the README's {heading!r}"
+    return blocks
+
+
+def _quick_start() -> str:
+    return _python_blocks("Quick start")[0]
 
 
 def test_quick_start_runs_and_the_loss_drops(capsys):
@@ -30,3 +35,15 @@ def test_quick_start_runs_and_the_loss_drops(capsys):
     )
     start = float(scope["loss_fn"](untrained, scope["images"], scope["labels"]))
     assert final < 0.5 * start
+
+
+def test_compose_your_own_runs(capsys):
+    """Registry stages and a user's Stages: dense == chunked, stateful returns state."""
+    scope: dict = {}
+    for block in _python_blocks("Compose your own"):
+        exec(compile(block, "README compose your own", "exec"), scope)  # noqa: S102
+    import margin_jax as mj
+
+    assert isinstance(scope["mine"], mj.Stages)
+    assert isinstance(scope["state"], mj.CurricularState)
+    assert "CurricularFace t =" in capsys.readouterr().out
