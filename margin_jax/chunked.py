@@ -41,7 +41,7 @@ from margin_jax.cosine import (
     l2_normalize,
     scaled_cosines,
 )
-from margin_jax.cross_entropy import combine_partials
+from margin_jax.cross_entropy import combine_partials, gap_partials, reduce_partials
 
 __all__ = [
     "chunked_margin_loss",
@@ -128,9 +128,7 @@ def _partials_forward(
         w_block = jax.lax.dynamic_slice_in_dim(weights, start, chunk)
         gaps = gap(x_hat, w_block, target, scale, *consts)
         mask = _block_mask(k, start, chunk, labels, offset, num_valid)
-        top = jnp.max(jnp.where(mask, gaps, 0.0), axis=-1)
-        rest = jnp.sum(jnp.where(mask, jnp.exp(gaps - top[:, None]), 0.0), axis=-1)
-        return combine_partials(carry, (top, rest))
+        return combine_partials(carry, gap_partials(gaps, mask))
 
     zeros = _zeros_like(target, x_hat, weights, scale)
     return jax.lax.fori_loop(0, n_blocks, body, (zeros, zeros))
@@ -287,7 +285,7 @@ def non_target_logsumexp(
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(x_hat.shape[0])
-    top, rest = block_partials(
+    partials = block_partials(
         x_hat,
         weights,
         target,
@@ -298,7 +296,7 @@ def non_target_logsumexp(
         offset=offset,
         num_valid=num_valid,
     )
-    return top + jnp.log(rest)
+    return _lse_of(partials)
 
 
 def _check_chunk(chunk_size, fn):
@@ -541,12 +539,9 @@ def sharded_margin_loss(
             offset=offset,
             num_valid=num_valid,
         )
-        tops, rests = (
-            collective.stack(top, axis_name),
-            collective.stack(rest, axis_name),
+        return reduce_partials(
+            collective.stack(top, axis_name), collective.stack(rest, axis_name)
         )
-        top_all = jax.lax.stop_gradient(jnp.max(tops, axis=0))
-        return top_all, jnp.sum(rests * jnp.exp(tops - top_all[None]), axis=0)
 
     def lse(s):
         return _lse_of(partials(jnp.zeros_like(s), s, None))

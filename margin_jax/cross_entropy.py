@@ -22,6 +22,7 @@ __all__ = [
     "cross_entropy_from_partials",
     "gap_partials",
     "combine_partials",
+    "reduce_partials",
 ]
 
 
@@ -37,8 +38,20 @@ def gap_partials(gaps: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Ar
     return top, jnp.sum(jnp.exp(gaps - top[:, None]), axis=-1)
 
 
+def reduce_partials(tops: jax.Array, rests: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The partial of the union of disjoint column sets, stacked on axis 0.
+
+    ``tops``, ``rests``: [n, B], the partials of n blocks or shards. The new m
+    is their max (no gradient); each r is rescaled to it.
+    """
+    top = jax.lax.stop_gradient(jnp.max(tops, axis=0))
+    return top, jnp.sum(rests * jnp.exp(tops - top[None]), axis=0)
+
+
 def combine_partials(a, b) -> tuple[jax.Array, jax.Array]:
-    """The partial of the union of two disjoint sets of columns."""
+    """The partial of the union of two disjoint sets of columns (as
+    `reduce_partials` of the two, without stacking them: the online loop's step).
+    """
     (top_a, rest_a), (top_b, rest_b) = a, b
     top = jnp.maximum(top_a, top_b)
     return top, rest_a * jnp.exp(top_a - top) + rest_b * jnp.exp(top_b - top)

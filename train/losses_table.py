@@ -195,9 +195,7 @@ def _registered(name: str) -> LossSpec:
         del num_classes, dim
         return factory().state if stateful else {}
 
-    choices = {"margin_type": mj.stages.MARGIN_TYPES}
-    if name == "mv_softmax":
-        choices["mode"] = mj.non_targets.MV_MODES
+    choices = {"margin_type": mj.stages.MARGIN_TYPES, "mode": mj.non_targets.MV_MODES}
     spec = LossSpec(
         fn=None, init_state=init_state, stages=stages, hyperparameters=hyper
     )
